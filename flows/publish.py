@@ -1,0 +1,146 @@
+"""The publish flow: fetch → inject → convert → quantize → smoke → manifest.
+
+Stages are plain functions from ``mtpress.stages``; this file only composes them as
+Prefect tasks, adds retries where a retry can help, and reports progress and results
+to the terminal and the Prefect UI.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+
+from mtpress.archs import get_arch
+from mtpress.checkpoint import ModelDir
+from mtpress.fsutil import sha256_file
+from mtpress.manifest import hardware, jsonable, write_manifest
+from mtpress.schema import ReleaseConfig, load_release_config
+from mtpress.stages import convert, download, inject, quantize, smoke
+from mtpress.stages.gguf_files import GgufFile
+from mtpress.toolchain import resolve_toolchain
+
+fetch_task = task(download.fetch, name="fetch", retries=3, retry_delay_seconds=[2, 10, 30])
+inject_task = task(inject.inject, name="inject")
+convert_task = task(convert.convert, name="convert")
+quantize_task = task(quantize.quantize, name="quantize")
+smoke_task = task(smoke.smoke, name="smoke", retries=1)
+toolchain_task = task(resolve_toolchain, name="toolchain")
+
+
+class Stopwatch:
+    """Seconds spent per stage, for the manifest."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def time(self, stage: str) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.monotonic() - start, 3)
+
+
+@flow(name="publish", log_prints=True)
+def publish(config: str = "model_configs/demo.yaml", output: str | None = None) -> str:
+    """Build, test and record a release described by a YAML file in model_configs/; return the release folder."""
+    log = get_run_logger()
+    cfg: ReleaseConfig = load_release_config(Path(config))
+    arch = get_arch(cfg.arch)
+    release_dir = Path(output or Path("releases") / cfg.name).resolve()
+    work = release_dir.parent / f".work-{cfg.name}"
+    watch = Stopwatch()
+
+    with watch.time("toolchain"):
+        tools = toolchain_task()
+    log.info("llama.cpp b%s (%s)", tools.version, tools.origin)
+
+    with watch.time("fetch"):
+        finetune = fetch_task(cfg.finetune, work / "hub-cache")
+        donor = fetch_task(cfg.donor, work / "hub-cache") if cfg.donor else None
+    with watch.time("inject"):
+        injected = inject_task(finetune, donor, arch, work / "injected")
+    log.info("inject: %s", injected.reason)
+
+    steps = len(cfg.layouts) * (1 + len(cfg.quants)) * 2
+    progress = create_progress_artifact(0.0, key=_key(cfg.name, "progress"), description="release build progress")
+    done = 0
+
+    def advance(what: str) -> None:
+        nonlocal done
+        done += 1
+        log.info("[%d/%d] %s", done, steps, what)
+        update_progress_artifact(progress, 100.0 * done / steps)
+
+    files: list[GgufFile] = []
+    for layout in cfg.layouts:
+        with watch.time("convert"):
+            bf16 = convert_task(injected.model, arch, layout, name=cfg.name, tools=tools,
+                                out_dir=release_dir / layout)
+        files += bf16
+        advance(f"convert {layout}: {', '.join(f.name for f in bf16)}")
+        for quant in cfg.quants:
+            with watch.time("quantize"):
+                quantized = [quantize_task(f, quant, arch, injected.model.config, name=cfg.name, tools=tools,
+                                           head_type=cfg.head_type) for f in bf16]
+            files += quantized
+            advance(f"quantize {layout} {quant}")
+
+    smoke_results = []
+    for model, head in pair_models_with_heads(files):
+        with watch.time("smoke"):
+            smoke_results.append(smoke_task(model, head, cfg.smoke, tools))
+        advance(f"smoke {model.layout}/{model.name}: identical tokens, drafted {smoke_results[-1].drafted}")
+    update_progress_artifact(progress, 100.0)
+
+    manifest_path = write_manifest(release_dir, {
+        "release": cfg.name,
+        "config": cfg.model_dump(mode="json"),
+        "toolchain": tools.describe(),
+        "hardware": hardware(),
+        "inputs": {"finetune": _input_record(finetune), "donor": _input_record(donor) if donor else None},
+        "architecture": arch.describe(injected.model.config, injected.model.tensors),
+        "inject": {"action": injected.action, "reason": injected.reason, "head": injected.head,
+                   "bytes_written": injected.bytes_written},
+        "files": [{"path": f"{f.layout}/{f.name}", **jsonable(f)} for f in files],
+        "smoke": smoke_results,
+        "stage_seconds": watch.seconds,
+    })
+    create_table_artifact(key=_key(cfg.name, "files"), description="release files",
+                          table=[{"file": f"{f.layout}/{f.name}", "role": f.role, "quant": f.quant,
+                                  "MiB": round(f.size / 2**20, 1), "sha256": f.sha256[:16]} for f in files])
+    create_table_artifact(key=_key(cfg.name, "smoke"), description="smoke: greedy output with and without draft-mtp",
+                          table=[{"file": s.model, "layout": s.layout, "identical": s.tokens_identical,
+                                  "drafted": s.drafted, "accepted": s.accepted,
+                                  "acceptance": round(s.acceptance or 0, 3)} for s in smoke_results])
+    log.info("release written to %s (manifest %s)", release_dir, manifest_path.name)
+    return str(release_dir)
+
+
+def pair_models_with_heads(files: list[GgufFile]) -> list[tuple[GgufFile, GgufFile | None]]:
+    """Each model file with the sidecar head of the same layout and quant (None when embedded)."""
+    heads = {(f.layout, f.quant): f for f in files if f.role == "head"}
+    return [(f, heads.get((f.layout, f.quant)) if f.layout == "sidecar" else None)
+            for f in files if f.role == "model"]
+
+
+def _input_record(model: ModelDir) -> dict:
+    return {"label": model.label, "revision": model.revision,
+            "files": {name: sha256_file(model.path / name) for name in model.shard_files()}}
+
+
+def _key(name: str, what: str) -> str:
+    """Prefect artifact keys allow only lowercase letters, digits and dashes."""
+    return "".join(c if c.isalnum() else "-" for c in f"{name}-{what}".lower())
+
+
+if __name__ == "__main__":
+    import sys
+
+    publish(*sys.argv[1:2])

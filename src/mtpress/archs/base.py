@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from typing import Protocol
+
+from mtpress.safetensors_io import TensorInfo
+
+
+class ArchSpec(Protocol):
+    """What mtpress needs to know about a model family with an MTP head."""
+
+    name: str
+    family: str
+    hf_architectures: tuple[str, ...]
+    gguf_arch: str
+
+    def text_config(self, config: dict) -> dict:
+        """The text model's hyper-parameters (nested ``text_config`` lifted to the top)."""
+
+    def mtp_layers(self, config: dict) -> int:
+        """How many MTP layers the config claims."""
+
+    def is_head_tensor(self, name: str) -> bool: ...
+
+    def expected_head(self, config: dict) -> dict[str, tuple[int, ...]]:
+        """Every head tensor the config implies, with its shape."""
+
+    def compatibility_keys(self) -> tuple[str, ...]:
+        """Text-config keys on which a head depends: donor and fine-tune must agree on each."""
+
+    def head_gguf_block(self, config: dict) -> int:
+        """The GGUF block index the first MTP layer becomes."""
+
+    def describe(self, config: dict, tensors: dict[str, TensorInfo]) -> dict:
+        """Architecture facts for the card, computed from config and tensors."""

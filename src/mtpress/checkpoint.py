@@ -1,0 +1,94 @@
+"""A Hugging Face checkpoint directory, read without loading any weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from mtpress.errors import CorruptCheckpointError, ModelError
+from mtpress.safetensors_io import TensorInfo, read_header
+
+INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A checkpoint on disk. ``label`` says where it came from (repo@revision or a path)."""
+
+    path: Path
+    label: str
+    revision: str | None = None
+
+    @cached_property
+    def config(self) -> dict:
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise ModelError(f"{self.label}: no config.json in {self.path}",
+                             hint="point at a Hugging Face checkpoint directory")
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise CorruptCheckpointError(f"{self.label}: config.json is not valid JSON ({e})") from e
+        if config.get("auto_map"):
+            raise ModelError(f"{self.label}: config.json asks for remote code (auto_map)",
+                             hint="mtpress never runs code from a model repo; use a checkpoint of a built-in "
+                                  "architecture")
+        return config
+
+    @cached_property
+    def weight_map(self) -> dict[str, str]:
+        """Tensor name → shard file name, from the index or the single ``model.safetensors``."""
+        index = self.path / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CorruptCheckpointError(f"{self.label}: {INDEX} is malformed ({e})") from e
+            for shard in set(weight_map.values()):
+                _check_file_name(shard, self.label)
+            return dict(weight_map)
+        single = self.path / "model.safetensors"
+        if single.is_file():
+            return {name: single.name for name in read_header(single)[0]}
+        if any(p.suffix in PICKLE_SUFFIXES for p in self.path.iterdir()):
+            raise ModelError(f"{self.label}: only pickle weights (.bin/.pt), no safetensors",
+                             hint="pickle files can run code when loaded; mtpress only reads safetensors. Ask "
+                                  "the publisher for safetensors weights")
+        raise ModelError(f"{self.label}: no safetensors weights in {self.path}")
+
+    @cached_property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Every tensor's header entry, validated against the index."""
+        by_shard: dict[str, list[str]] = {}
+        for name, shard in self.weight_map.items():
+            by_shard.setdefault(shard, []).append(name)
+        found: dict[str, TensorInfo] = {}
+        for shard, names in sorted(by_shard.items()):
+            shard_path = self.path / shard
+            if not shard_path.is_file():
+                raise CorruptCheckpointError(f"{self.label}: {INDEX} lists shard {shard}, which is missing",
+                                             hint="download the complete checkpoint")
+            headers, _ = read_header(shard_path)
+            for name in names:
+                if name not in headers:
+                    raise CorruptCheckpointError(
+                        f"{self.label}: {INDEX} puts tensor {name} in {shard}, but {shard} does not contain it",
+                        hint="the index and the shards are from different versions; re-download the checkpoint")
+                found[name] = headers[name]
+        return found
+
+    def shard_of(self, name: str) -> Path:
+        return self.path / self.weight_map[name]
+
+    def shard_files(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+
+def _check_file_name(name: str, label: str) -> None:
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts) or "\0" in name:
+        raise CorruptCheckpointError(f"{label}: {INDEX} names the file {name!r}, which escapes the checkpoint",
+                                     hint="refusing a path with '..', an absolute path or backslashes")

@@ -1,0 +1,93 @@
+"""The ``mtpress`` command line: a thin shell over the flows and stages.
+
+Errors that mtpress raises on purpose print as one message with a hint and exit 1;
+set MTPRESS_DEBUG=1 to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mtpress.errors import MtpressError
+
+app = typer.Typer(help="Restore, convert, quantize, test and publish MTP-capable GGUF releases.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+toolchain_app = typer.Typer(help="The pinned llama.cpp toolchain.", no_args_is_help=True)
+hub_app = typer.Typer(help="The local Hub-compatible endpoint.", no_args_is_help=True)
+app.add_typer(toolchain_app, name="toolchain")
+app.add_typer(hub_app, name="hub")
+
+ConfigArg = Annotated[Path, typer.Argument(help="release config, e.g. model_configs/demo.yaml", exists=False)]
+
+
+@app.command()
+def publish(config: ConfigArg, output: Annotated[Path | None, typer.Option(help="release folder")] = None) -> None:
+    """Run the publish flow for one release config."""
+    from flows.publish import publish as publish_flow
+
+    typer.echo(f"release folder: {publish_flow(str(config), str(output) if output else None)}")
+
+
+@app.command()
+def demo(output: Annotated[Path, typer.Option(help="where the demo writes its release")] = Path("releases/demo"),
+         ) -> None:
+    """Run the whole pipeline on generated tiny Qwen3.5 models (the embedded default)."""
+    from mtpress.demo.run import run_demo
+
+    run_demo(output)
+
+
+@app.command("check-config")
+def check_config(configs: Annotated[list[Path], typer.Argument(help="release configs to validate")]) -> None:
+    """Validate release configs without running anything."""
+    from mtpress.schema import load_release_config
+
+    for path in configs:
+        cfg = load_release_config(path)
+        typer.echo(f"{path}: ok ({cfg.name}: {len(cfg.quants)} quants, layouts {', '.join(cfg.layouts)})")
+
+
+@toolchain_app.command("build")
+def toolchain_build() -> None:
+    """Build (once) or find the pinned llama.cpp and its converter environment."""
+    from mtpress.toolchain import resolve_toolchain
+
+    tools = resolve_toolchain(build=True)
+    typer.echo(f"llama.cpp b{tools.version} ({tools.origin}): {tools.bin_dir}")
+
+
+@toolchain_app.command("doctor")
+def toolchain_doctor() -> None:
+    """Check the toolchain without building anything; exit 1 if it is not usable."""
+    from mtpress.toolchain import resolve_toolchain
+
+    tools = resolve_toolchain(build=False)
+    for name in ("llama-quantize", "llama-server", "llama-cli", "llama-bench", "llama-imatrix", "llama-perplexity"):
+        typer.echo(f"  {name}: {tools.tool(name)}")
+    typer.echo(f"  converter: {' '.join(tools.converter())}")
+    typer.echo(f"ok: llama.cpp b{tools.version} ({tools.origin}), converter env {tools.describe()['converter_python']}")
+
+
+@hub_app.command("serve")
+def hub_serve(root: Annotated[Path, typer.Option(help="where repos are stored")] = Path("releases/hub"),
+              host: str = "127.0.0.1", port: int = 8765) -> None:
+    """Serve the local Hub-compatible endpoint (point HF_ENDPOINT at it)."""
+    from mtpress.hub.server import serve
+
+    typer.echo(f"local Hub on http://{host}:{port} (export HF_ENDPOINT=http://{host}:{port} HF_HUB_DISABLE_XET=1)")
+    serve(root, host, port)
+
+
+def main() -> None:
+    try:
+        app()
+    except MtpressError as e:
+        if os.environ.get("MTPRESS_DEBUG") == "1":
+            raise
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(1)

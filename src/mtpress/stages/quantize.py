@@ -1,0 +1,36 @@
+"""Quantize a BF16 GGUF with llama-quantize, optionally keeping the MTP head at a higher precision."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from mtpress.archs.base import ArchSpec
+from mtpress.stages.convert import describe_gguf, gguf_name
+from mtpress.stages.gguf_files import GgufFile
+from mtpress.toolchain import LlamaCpp, run_tool
+
+QUANTIZE_TIMEOUT_S = 3 * 3600
+
+
+def quantize(src: GgufFile, quant: str, arch: ArchSpec, config: dict, *, name: str, tools: LlamaCpp,
+             head_type: str | None = None) -> GgufFile:
+    """Write ``<name>-<quant>.gguf`` (or its ``mtp-`` head) beside ``src``.
+
+    A head file keeps the trunk's tag in its name whatever precision its tensors got, so llama.cpp's
+    ``-hf`` pairs each trunk with the head meant for it.
+    """
+    final = src.path.parent / gguf_name(name, quant, src.role)
+    partial = final.with_name(f".{final.name}.{os.getpid()}.partial")
+    argv = [str(tools.tool("llama-quantize"))]
+    if head_type and src.nextn_layers:
+        argv += ["--tensor-type", rf"blk\.{arch.head_gguf_block(config)}\.={head_type.lower()}"]
+    argv += [str(src.path), str(partial), quant, str(os.cpu_count() or 2)]
+    try:
+        run_tool(argv, timeout=QUANTIZE_TIMEOUT_S)
+        gguf = describe_gguf(partial, arch, config, name=final.name, layout=src.layout, role=src.role, quant=quant)
+        os.replace(partial, final)
+    finally:
+        partial.unlink(missing_ok=True)
+    return replace(gguf, path=Path(final))
