@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from huggingface_hub.repocard import metadata_load
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
@@ -19,7 +20,7 @@ from mtpress.archs import get_arch
 from mtpress.checkpoint import ModelDir
 from mtpress.fsutil import sha256_file
 from mtpress.manifest import hardware, jsonable, write_manifest
-from mtpress.schema import ReleaseConfig, load_release_config
+from mtpress.schema import ReleaseConfig, Source, load_release_config
 from mtpress.stages import convert, download, inject, quantize, smoke
 from mtpress.stages.gguf_files import GgufFile
 from mtpress.toolchain import resolve_toolchain
@@ -81,8 +82,9 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None) 
     files: list[GgufFile] = []
     for layout in cfg.layouts:
         with watch.time("convert"):
-            bf16 = convert_task(injected.model, arch, layout, name=cfg.name, tools=tools,
-                                out_dir=release_dir / layout)
+            # The first layout sits at the repo root, where `-hf user/repo:QUANT` looks; others in a subfolder.
+            out_dir = release_dir if layout == cfg.layouts[0] else release_dir / layout
+            bf16 = convert_task(injected.model, arch, layout, name=cfg.name, tools=tools, out_dir=out_dir)
         files += bf16
         advance(f"convert {layout}: {', '.join(f.name for f in bf16)}")
         for quant in cfg.quants:
@@ -104,16 +106,17 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None) 
         "config": cfg.model_dump(mode="json"),
         "toolchain": tools.describe(),
         "hardware": hardware(),
-        "inputs": {"finetune": _input_record(finetune), "donor": _input_record(donor) if donor else None},
+        "inputs": {"finetune": _input_record(finetune, cfg.finetune),
+                   "donor": _input_record(donor, cfg.donor) if donor else None},
         "architecture": arch.describe(injected.model.config, injected.model.tensors),
         "inject": {"action": injected.action, "reason": injected.reason, "head": injected.head,
                    "bytes_written": injected.bytes_written},
-        "files": [{"path": f"{f.layout}/{f.name}", **jsonable(f)} for f in files],
+        "files": [{"path": f.path.relative_to(release_dir).as_posix(), **jsonable(f)} for f in files],
         "smoke": smoke_results,
         "stage_seconds": watch.seconds,
     })
     create_table_artifact(key=_key(cfg.name, "files"), description="release files",
-                          table=[{"file": f"{f.layout}/{f.name}", "role": f.role, "quant": f.quant,
+                          table=[{"file": f.path.relative_to(release_dir).as_posix(), "role": f.role, "quant": f.quant,
                                   "MiB": round(f.size / 2**20, 1), "sha256": f.sha256[:16]} for f in files])
     create_table_artifact(key=_key(cfg.name, "smoke"), description="smoke: greedy output with and without draft-mtp",
                           table=[{"file": s.model, "layout": s.layout, "identical": s.tokens_identical,
@@ -130,8 +133,11 @@ def pair_models_with_heads(files: list[GgufFile]) -> list[tuple[GgufFile, GgufFi
             for f in files if f.role == "model"]
 
 
-def _input_record(model: ModelDir) -> dict:
-    return {"label": model.label, "revision": model.revision,
+def _input_record(model: ModelDir, source: Source) -> dict:
+    card = model.path / "README.md"
+    card_data = metadata_load(card) if card.is_file() else None
+    return {"label": model.label, "repo": source.repo, "revision": model.revision,
+            "license": (card_data or {}).get("license"),
             "files": {name: sha256_file(model.path / name) for name in model.shard_files()}}
 
 

@@ -84,7 +84,7 @@ class ReleaseConfig(StrictModel):
     finetune: Source
     donor: Source | None = None
     target: Target
-    layouts: tuple[Layout, ...] = ("embedded", "sidecar")
+    layouts: tuple[Layout, ...] = ("sidecar", "embedded")  # the first one sits at the repo root
     quants: tuple[str, ...] = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
     head_type: str | None = Field(default=None, description="keep the MTP head's tensors at this type (e.g. Q8_0)")
     smoke: SmokeSpec = SmokeSpec()

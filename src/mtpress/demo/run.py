@@ -1,0 +1,60 @@
+"""`mtpress demo`: the whole pipeline on the embedded default, offline.
+
+It starts the local Hub endpoint (repos stored under ``releases/hub``), seeds it with a
+generated tiny Qwen3.5 base (with its MTP head) and a fine-tune that lost the head, then
+runs the publish flow on ``model_configs/demo.yaml``: download → inject → convert →
+quantize → smoke → card → publish, back to the local endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEMO_CONFIG = Path("model_configs/demo.yaml")
+# llama.cpp only forwards tokens shaped like real ones (hf_ + 34 or more letters/digits).
+DEMO_TOKEN = "hf_mtpressDemoTokenForTheLocalHubOnly0"
+
+
+def run_demo(output: Path, *, hub_root: Path = Path("releases/hub"), config: Path = DEMO_CONFIG) -> Path:
+    # The local endpoint speaks LFS, not Xet; huggingface_hub reads this switch at import time.
+    os.environ["HF_HUB_DISABLE_XET"] = "1"
+    from mtpress.hub.server import LocalHub
+
+    with LocalHub(hub_root) as hub:
+        os.environ["HF_ENDPOINT"] = hub.url
+        os.environ["HF_TOKEN"] = DEMO_TOKEN
+        seed_upstream_repos(config)
+        from flows.publish import publish
+
+        release = Path(publish(str(config), str(output)))
+        print(f"\nrelease folder: {release}\nlocal Hub: {hub.store.root} (browse with `mtpress hub serve`)")
+    return release
+
+
+def seed_upstream_repos(config: Path) -> None:
+    """Create the demo's upstream repos on the local endpoint, unless they are already there."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from mtpress.demo.models import write_demo_pair
+    from mtpress.hub.client import hub_api
+    from mtpress.schema import load_release_config
+    from mtpress.toolchain.llama_cpp import cache_root
+
+    cfg = load_release_config(config)
+    api = hub_api()
+    wanted = [cfg.donor.repo, cfg.finetune.repo]
+    missing = []
+    for repo in wanted:
+        try:
+            api.model_info(repo)
+        except RepositoryNotFoundError:
+            missing.append(repo)
+    if not missing:
+        return
+    base_dir, finetune_dir = write_demo_pair(cache_root() / "demo-models", base_repo=cfg.donor.repo)
+    for repo, folder in ((cfg.donor.repo, base_dir), (cfg.finetune.repo, finetune_dir)):
+        if repo in missing:
+            api.create_repo(repo, exist_ok=True)
+            api.upload_folder(repo_id=repo, folder_path=folder, commit_message="Upload demo checkpoint")
+            print(f"seeded {api.endpoint}/{repo}")
