@@ -14,15 +14,24 @@ from pathlib import Path
 
 from huggingface_hub.repocard import metadata_load
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
 from mtpress.archs import get_arch
 from mtpress.checkpoint import ModelDir
 from mtpress.fsutil import sha256_file
-from mtpress.manifest import hardware, jsonable, write_manifest
+from mtpress.hub.client import hub_api
+from mtpress.manifest import hardware, jsonable, read_manifest, write_manifest
 from mtpress.schema import ReleaseConfig, Source, load_release_config
 from mtpress.stages import convert, download, inject, quantize, smoke
+from mtpress.stages.card import render_card, write_card
 from mtpress.stages.gguf_files import GgufFile
+from mtpress.stages.publish import publish as publish_stage
 from mtpress.toolchain import resolve_toolchain
 
 fetch_task = task(download.fetch, name="fetch", retries=3, retry_delay_seconds=[2, 10, 30])
@@ -31,6 +40,9 @@ convert_task = task(convert.convert, name="convert")
 quantize_task = task(quantize.quantize, name="quantize")
 smoke_task = task(smoke.smoke, name="smoke", retries=1)
 toolchain_task = task(resolve_toolchain, name="toolchain")
+render_card_task = task(render_card, name="card")
+# Retries are safe: a failed commit leaves the repo unchanged and unchanged files are never re-sent.
+publish_task = task(publish_stage, name="publish", retries=2, retry_delay_seconds=[10, 60])
 
 
 class Stopwatch:
@@ -49,8 +61,13 @@ class Stopwatch:
 
 
 @flow(name="publish", log_prints=True)
-def publish(config: str = "model_configs/demo.yaml", output: str | None = None) -> str:
-    """Build, test and record a release described by a YAML file in model_configs/; return the release folder."""
+def publish(config: str = "model_configs/demo.yaml", output: str | None = None, push: bool = True,
+            dry_run: bool = False) -> str:
+    """Build, test, document and publish the release a YAML file in model_configs/ describes.
+
+    ``push=False`` stops after the card; ``dry_run`` prints the publish plan and commits nothing.
+    Returns the release folder.
+    """
     log = get_run_logger()
     cfg: ReleaseConfig = load_release_config(Path(config))
     arch = get_arch(cfg.arch)
@@ -122,7 +139,22 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None) 
                           table=[{"file": s.model, "layout": s.layout, "identical": s.tokens_identical,
                                   "drafted": s.drafted, "accepted": s.accepted,
                                   "acceptance": round(s.acceptance or 0, 3)} for s in smoke_results])
+    card = render_card_task(read_manifest(release_dir))
+    write_card(release_dir, card)
+    create_markdown_artifact(card.files["README.md"], key=_key(cfg.name, "card"), description="model card preview")
     log.info("release written to %s (manifest %s)", release_dir, manifest_path.name)
+
+    if push:
+        with watch.time("publish"):
+            result = publish_task(release_dir, cfg.target, hub_api(), dry_run=dry_run,
+                                  message=f"mtpress: {cfg.name} (llama.cpp b{tools.version})")
+        log.info(result.plan.describe())
+        if result.committed:
+            log.info("published %s at commit %s (%d bytes uploaded)", result.url, result.commit, result.bytes_uploaded)
+        else:
+            log.info("%s: nothing committed (%s)", result.url, "dry run" if dry_run else "no changes")
+        create_link_artifact(result.url, link_text=result.repo, key=_key(cfg.name, "repo"),
+                             description="published repository")
     return str(release_dir)
 
 

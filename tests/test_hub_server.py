@@ -12,6 +12,7 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -139,9 +140,7 @@ def test_one_commit_carries_lfs_and_regular_files(hub, api, weights, release):
     assert siblings["model.safetensors"].lfs.sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert siblings["config.json"].lfs is None
     assert siblings["config.json"].blob_id == git_blob_oid(b'{"model_type": "qwen3_5"}\n')
-    assert (hub.store.root / "blobs" / "sha256" / hashlib.sha256(BIG_TEXT).hexdigest()).stat().st_size == len(
-        BIG_TEXT
-    )
+    assert (hub.store.root / "blobs" / "sha256" / hashlib.sha256(BIG_TEXT).hexdigest()).stat().st_size == len(BIG_TEXT)
 
 
 def test_model_info_reads_card_data_and_derives_tags_like_the_hub(api, release):
@@ -203,23 +202,20 @@ def test_delete_repo(api, release):
 def test_hf_hub_download_follows_main_and_pins_a_revision(hub, api, weights, release, tmp_path):
     api.upload_file(path_or_fileobj=b'{"model_type": "v2"}\n', path_in_repo="config.json", repo_id=REPO)
 
-    def download(**kwargs):
-        path = hf_hub_download(REPO, "config.json", endpoint=hub.url, cache_dir=tmp_path / "cache", **kwargs)
-        return open(path, "rb").read()
+    def download(filename="config.json", repo_id=REPO, **kwargs):
+        path = hf_hub_download(repo_id, filename, endpoint=hub.url, cache_dir=tmp_path / "cache", **kwargs)
+        return Path(path).read_bytes()
 
     assert download() == b'{"model_type": "v2"}\n'
     assert download(revision=release.oid) == b'{"model_type": "qwen3_5"}\n'
-    big = hf_hub_download(REPO, "big.txt", endpoint=hub.url, cache_dir=tmp_path / "cache")
-    assert open(big, "rb").read() == BIG_TEXT
+    assert download("big.txt") == BIG_TEXT
 
     with pytest.raises(EntryNotFoundError):
-        download(filename="nope.json") if False else hf_hub_download(
-            REPO, "nope.json", endpoint=hub.url, cache_dir=tmp_path / "cache"
-        )
+        download("nope.json")
     with pytest.raises(RevisionNotFoundError):
         download(revision="no-such-branch")
     with pytest.raises(RepositoryNotFoundError):
-        hf_hub_download("mtpress-demo/missing", "config.json", endpoint=hub.url, cache_dir=tmp_path / "cache")
+        download(repo_id="mtpress-demo/missing")
 
 
 def test_resolve_etags_match_the_tree_oids(hub, api, release):
@@ -238,10 +234,8 @@ def test_resolve_etags_match_the_tree_oids(hub, api, release):
 
 
 def test_snapshot_download_with_allow_patterns(hub, release, tmp_path):
-    folder = snapshot_download(
-        REPO, endpoint=hub.url, cache_dir=tmp_path / "cache", allow_patterns=["*.json", "sub/*"]
-    )
-    files = {str(p.relative_to(folder)) for p in __import__("pathlib").Path(folder).rglob("*") if p.is_file()}
+    folder = snapshot_download(REPO, endpoint=hub.url, cache_dir=tmp_path / "cache", allow_patterns=["*.json", "sub/*"])
+    files = {str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file()}
     assert files == {"config.json", "sub/dir/notes.txt"}
     assert folder.endswith(release.oid)
 
@@ -421,7 +415,9 @@ def test_logs_never_show_the_token_or_upload_signatures(secured_hub, weights, ca
     caplog.set_level(logging.DEBUG, logger="mtpress.hub")
     api = HfApi(endpoint=secured_hub.url, token=TOKEN)
     api.create_repo("alice/logged")
-    api.create_commit("alice/logged", operations=[CommitOperationAdd("model.safetensors", str(weights))], commit_message="w")
+    api.create_commit(
+        "alice/logged", operations=[CommitOperationAdd("model.safetensors", str(weights))], commit_message="w"
+    )
     api.whoami()
     assert "PUT /_mtpress/lfs/" in caplog.text and "sig=<redacted>" in caplog.text
     assert TOKEN not in caplog.text and TOKEN[3:] not in caplog.text

@@ -26,11 +26,18 @@ ConfigArg = Annotated[Path, typer.Argument(help="release config, e.g. model_conf
 
 
 @app.command()
-def publish(config: ConfigArg, output: Annotated[Path | None, typer.Option(help="release folder")] = None) -> None:
-    """Run the publish flow for one release config."""
+def publish(config: ConfigArg,
+            output: Annotated[Path | None, typer.Option(help="release folder (default releases/<name>)")] = None,
+            push: Annotated[bool, typer.Option(help="publish to the Hub after building and testing")] = True,
+            dry_run: Annotated[bool, typer.Option(help="print the publish plan, commit nothing")] = False) -> None:
+    """Run the publish flow for one release config: download, inject, convert, quantize, smoke, card, publish.
+
+    The Hub is HF_ENDPOINT (default huggingface.co); the token is HF_TOKEN.
+    """
     from flows.publish import publish as publish_flow
 
-    typer.echo(f"release folder: {publish_flow(str(config), str(output) if output else None)}")
+    release = publish_flow(str(config), str(output) if output else None, push=push, dry_run=dry_run)
+    typer.echo(f"release folder: {release}")
 
 
 @app.command()

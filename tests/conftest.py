@@ -1,0 +1,68 @@
+"""Shared fixtures: the pinned toolchain, the generated demo models, the local Hub, Prefect's harness.
+
+huggingface_hub reads HF_HUB_DISABLE_XET and HF_ENDPOINT at import time, so they are set here,
+before any test module imports it; no test may ever reach huggingface.co.
+"""
+
+import os
+
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ.pop("HF_TOKEN", None)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+TEST_TOKEN = "hf_" + "mtpressTestSuiteToken0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def toolchain():
+    """The pinned llama.cpp; `make test` builds it before pytest starts."""
+    from mtpress.toolchain import resolve_toolchain
+
+    return resolve_toolchain(build=False)
+
+
+@pytest.fixture(scope="session")
+def demo_pair():
+    """(base with head, fine-tune without) generated once per machine into the mtpress cache."""
+    from mtpress.demo.models import write_demo_pair
+    from mtpress.toolchain.llama_cpp import cache_root
+
+    return write_demo_pair(cache_root() / "demo-models", base_repo="mtpress-demo/Tiny-Qwen3.5-Demo-Base")
+
+
+@pytest.fixture
+def local_hub(tmp_path, monkeypatch):
+    """A fresh local Hub endpoint; HF_ENDPOINT and a test token point the code at it."""
+    from mtpress.hub.server import LocalHub
+
+    with LocalHub(tmp_path / "hub") as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+        yield hub
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    from prefect.settings import (
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH,
+        temporary_settings,
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+                                         PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("results")}):
+            yield
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

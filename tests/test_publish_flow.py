@@ -1,0 +1,79 @@
+"""End to end: the publish flow on the demo models, through the real llama.cpp, local Hub and Prefect."""
+
+import json
+from pathlib import Path
+
+import pytest
+from gguf import GGUFReader
+
+from mtpress.demo.run import seed_upstream_repos
+from mtpress.hub.client import hub_api
+
+pytestmark = pytest.mark.slow
+DEMO = Path(__file__).resolve().parent.parent / "model_configs" / "demo.yaml"
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory, toolchain, demo_pair, prefect_harness):
+    """One full run of the demo release, shared by the assertions below (it takes minutes)."""
+    from flows.publish import publish
+    from mtpress.hub.server import LocalHub
+
+    root = tmp_path_factory.mktemp("e2e")
+    mp = pytest.MonkeyPatch()
+    with LocalHub(root / "hub") as hub:
+        mp.setenv("HF_ENDPOINT", hub.url)
+        mp.setenv("HF_TOKEN", "hf_" + "mtpressTestSuiteToken0123456789abcdef")
+        mp.setenv("HF_HOME", str(root / "hf_home"))
+        seed_upstream_repos(DEMO)
+        release_dir = Path(publish(str(DEMO), str(root / "release")))
+        yield {"dir": release_dir, "manifest": json.loads((release_dir / "manifest.json").read_text()),
+               "hub": hub, "api": hub_api()}
+    mp.undo()
+
+
+def test_every_layout_has_bf16_and_four_quants(release):
+    files = release["manifest"]["files"]
+    for layout in ("embedded", "sidecar"):
+        models = {f["quant"] for f in files if f["layout"] == layout and f["role"] == "model"}
+        assert models == {"BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"}
+    heads = {f["quant"] for f in files if f["role"] == "head"}
+    assert heads == {"BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"}
+
+
+def test_files_carry_the_head_as_their_layout_demands(release):
+    for record in release["manifest"]["files"]:
+        reader = GGUFReader(release["dir"] / record["path"])
+        nextn = reader.get_field("qwen35.nextn_predict_layers")
+        head_tensors = [t.name for t in reader.tensors if t.name.startswith("blk.8.nextn")]
+        if record["layout"] == "sidecar" and record["role"] == "model":
+            assert nextn is None or nextn.contents() == 0
+            assert not head_tensors
+            assert (release["dir"] / record["path"]).with_name("mtp-" + record["name"]).is_file()
+        else:
+            assert nextn.contents() == 1 and head_tensors, record["path"]
+
+
+def test_head_kept_at_q8_0_in_low_bit_quants(release):
+    q4 = [f for f in release["manifest"]["files"] if f["quant"] == "Q4_K_M" and f["nextn_layers"]]
+    assert q4 and all("Q8_0" in f["head_tensor_types"] for f in q4)
+
+
+def test_every_model_file_passed_smoke_with_identical_tokens_and_drafts(release):
+    smoke = release["manifest"]["smoke"]
+    models = [f for f in release["manifest"]["files"] if f["role"] == "model"]
+    assert len(smoke) == len(models) == 10
+    for result in smoke:
+        assert result["passed"] and result["tokens_identical"] and result["drafted"] > 0, result
+        assert 0 < result["accepted"] <= result["drafted"]
+
+
+def test_manifest_records_inputs_toolchain_and_head_provenance(release):
+    manifest = release["manifest"]
+    assert manifest["toolchain"]["llama_cpp"] == "11434"
+    assert len(manifest["inputs"]["finetune"]["revision"]) == 40
+    head = manifest["inject"]["head"]
+    assert manifest["inject"]["action"] == "injected" and len(head["tensors"]) == 15
+    assert head["parameters"] == manifest["architecture"]["parameters_head"]
+    for record in manifest["files"]:
+        assert (release["dir"] / record["path"]).stat().st_size == record["size"]
