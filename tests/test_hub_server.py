@@ -11,7 +11,9 @@ import base64  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -19,6 +21,7 @@ import pytest  # noqa: E402
 import requests  # noqa: E402
 from huggingface_hub import (  # noqa: E402
     CommitOperationAdd,
+    CommitOperationCopy,
     CommitOperationDelete,
     HfApi,
     constants,
@@ -51,12 +54,14 @@ tags:
 # Tiny MTP
 """
 BIG_TEXT = b"0123456789abcdef\n" * (11 * 1024 * 1024 // 17)  # > 10 MB of text: LFS by size alone
+HUB_GITATTRIBUTES_OID = "a6344aac8c09253b3b630fb776ae94478aa0275b"  # the Hub's default .gitattributes
 
 
 @pytest.fixture(autouse=True)
 def isolated_client(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # in case another module imported it first
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "token"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
 
@@ -124,9 +129,9 @@ def test_create_repo_starts_with_an_initial_commit_and_409s_when_it_exists(hub, 
     assert err.value.response.status_code == 409
     assert api.create_repo(REPO, exist_ok=True) == url
 
-    info = api.model_info(REPO)
-    assert len(info.sha) == 40 and int(info.sha, 16) >= 0
-    assert [s.rfilename for s in info.siblings] == [".gitattributes"]
+    info = api.model_info(REPO, files_metadata=True)
+    assert re.fullmatch("[0-9a-f]{40}", info.sha)
+    assert [(s.rfilename, s.blob_id) for s in info.siblings] == [(".gitattributes", HUB_GITATTRIBUTES_OID)]
     assert [c.commit_id for c in api.list_repo_commits(REPO)] == [info.sha]
 
 
@@ -138,7 +143,7 @@ def test_one_commit_carries_lfs_and_regular_files(hub, api, weights, release):
     assert siblings["big.txt"].lfs.sha256 == hashlib.sha256(BIG_TEXT).hexdigest()
     assert siblings["big.txt"].lfs.size == siblings["big.txt"].size == len(BIG_TEXT)
     assert siblings["model.safetensors"].lfs.sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert siblings["config.json"].lfs is None
+    assert siblings["config.json"].lfs is None and siblings["sub/dir/notes.txt"].lfs is None
     assert siblings["config.json"].blob_id == git_blob_oid(b'{"model_type": "qwen3_5"}\n')
     assert (hub.store.root / "blobs" / "sha256" / hashlib.sha256(BIG_TEXT).hexdigest()).stat().st_size == len(BIG_TEXT)
 
@@ -167,7 +172,7 @@ def test_list_models_filters_by_author_search_and_tags(api, release):
     assert full.card_data.base_model == BASE_MODEL and len(full.siblings) == 6
 
 
-def test_tree_refs_and_commits(api, release):
+def test_tree_listing_and_refs(api, release):
     tree = {item.path: item for item in api.list_repo_tree(REPO, recursive=True)}
     assert isinstance(tree["sub"], RepoFolder) and isinstance(tree["sub/dir"], RepoFolder)
     assert isinstance(tree["big.txt"], RepoFile) and tree["big.txt"].lfs.sha256 == hashlib.sha256(BIG_TEXT).hexdigest()
@@ -196,10 +201,20 @@ def test_delete_repo(api, release):
         api.delete_repo(REPO)
 
 
+def test_state_survives_a_restart(hub, api, release, tmp_path):
+    hub.stop()
+    with LocalHub(hub.store.root) as restarted:
+        again = HfApi(endpoint=restarted.url, token=TOKEN)
+        assert again.model_info(REPO).sha == release.oid
+        assert len(again.list_repo_commits(REPO)) == 2
+        path = hf_hub_download(REPO, "big.txt", endpoint=restarted.url, cache_dir=tmp_path / "cache")
+        assert Path(path).read_bytes() == BIG_TEXT
+
+
 # -- downloads -----------------------------------------------------------------------------------------
 
 
-def test_hf_hub_download_follows_main_and_pins_a_revision(hub, api, weights, release, tmp_path):
+def test_hf_hub_download_follows_main_and_pins_a_revision(hub, api, release, tmp_path):
     api.upload_file(path_or_fileobj=b'{"model_type": "v2"}\n', path_in_repo="config.json", repo_id=REPO)
 
     def download(filename="config.json", repo_id=REPO, **kwargs):
@@ -259,6 +274,22 @@ def test_get_safetensors_metadata_reads_the_header_by_range(api, release):
     assert tensors["mtp.fc.weight"].dtype == "F16" and tensors["mtp.fc.weight"].shape == [4, 8]
 
 
+def test_the_requests_llama_cpp_makes(hub, api, release):
+    """llama.cpp's -hf downloader: refs, one recursive tree listing at the commit, then HEAD and GET of each
+    file with the path not percent-encoded. Checked by hand against llama-cli 11434 as well."""
+    refs = requests.get(f"{hub.url}/api/models/{REPO}/refs").json()
+    commit = next(b["targetCommit"] for b in refs["branches"] if b["name"] == "main")
+    files = requests.get(f"{hub.url}/api/models/{REPO}/tree/{commit}?recursive=true").json()
+    ids = {e["path"]: e.get("lfs", {}).get("oid", e["oid"]) for e in files if e["type"] == "file"}
+    assert all(len(oid) in (40, 64) for oid in ids.values()) and len(ids["big.txt"]) == 64
+
+    url = f"{hub.url}/{REPO}/resolve/{commit}/sub/dir/notes.txt"
+    head = requests.head(url)
+    assert head.status_code == 200 and head.headers["ETag"] == f'"{ids["sub/dir/notes.txt"]}"'
+    assert head.headers["Content-Length"] == "7" and head.headers["Accept-Ranges"] == "bytes"
+    assert requests.get(url).content == b"nested\n"
+
+
 # -- commit semantics ----------------------------------------------------------------------------------
 
 
@@ -288,9 +319,37 @@ def test_delete_operations(api, release):
         operations=[CommitOperationDelete("sub/"), CommitOperationDelete("big.txt")],
         commit_message="Prune",
     )
-    assert {f for f in api.list_repo_files(REPO)} == {".gitattributes", "README.md", "config.json", "model.safetensors"}
+    assert set(api.list_repo_files(REPO)) == {".gitattributes", "README.md", "config.json", "model.safetensors"}
     with pytest.raises(EntryNotFoundError):
         api.create_commit(REPO, operations=[CommitOperationDelete("big.txt")], commit_message="Again")
+
+
+def test_same_content_under_two_paths_is_uploaded_once(hub, api, weights, caplog):
+    caplog.set_level(logging.INFO, logger="mtpress.hub")
+    api.create_repo(REPO)
+    with weights.open("rb") as opened:
+        api.create_commit(
+            REPO,
+            operations=[CommitOperationAdd("a.safetensors", str(weights)), CommitOperationAdd("b.safetensors", opened)],
+            commit_message="twins",
+        )
+    assert caplog.text.count("PUT /_mtpress/lfs/") == 1
+    siblings = {s.rfilename: s for s in api.model_info(REPO, files_metadata=True).siblings}
+    assert siblings["a.safetensors"].lfs.sha256 == siblings["b.safetensors"].lfs.sha256
+
+
+def test_copy_operations(api, release):
+    api.create_commit(
+        REPO,
+        operations=[
+            CommitOperationCopy(src_path_in_repo="big.txt", path_in_repo="copy/big.txt"),
+            CommitOperationCopy(src_path_in_repo="config.json", path_in_repo="copy/config.json"),
+        ],
+        commit_message="Copy",
+    )
+    siblings = {s.rfilename: s for s in api.model_info(REPO, files_metadata=True).siblings}
+    assert siblings["copy/big.txt"].lfs.sha256 == siblings["big.txt"].lfs.sha256
+    assert siblings["copy/config.json"].blob_id == siblings["config.json"].blob_id
 
 
 def test_parent_commit_mismatch_is_refused(api, release):
@@ -308,6 +367,16 @@ def test_parent_commit_mismatch_is_refused(api, release):
         REPO, operations=[CommitOperationAdd("late.txt", b"on time\n")], commit_message="ok", parent_commit=release.oid
     )
     assert head(api) == ok.oid
+
+
+def test_concurrent_writers_are_serialised(api, release):
+    def write(i):
+        api.upload_file(path_or_fileobj=f"writer {i}\n".encode(), path_in_repo=f"w/{i}.txt", repo_id=REPO)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(write, range(8)))
+    assert {f for f in api.list_repo_files(REPO) if f.startswith("w/")} == {f"w/{i}.txt" for i in range(8)}
+    assert len(api.list_repo_commits(REPO)) == 2 + 8
 
 
 @pytest.mark.parametrize(
@@ -351,7 +420,8 @@ def test_lfs_upload_links_are_signed_and_content_is_verified(hub, release):
     ).json()
     href = batch["objects"][0]["actions"]["upload"]["href"]
     assert requests.put(href.replace("sig=", "sig=0"), data=data).status_code == 403
-    assert requests.put(href, data=b"other bytes, same size").status_code == 400
+    assert requests.put(href, data=data.upper()).status_code == 400  # same size, wrong sha256
+    assert requests.put(href, data=data + b"!").status_code == 400  # more bytes than announced
     assert hub.store.blob_size(oid) is None
     assert requests.put(href, data=data).status_code == 200
     assert hub.store.blob_size(oid) == len(data)
@@ -447,7 +517,8 @@ def test_dropped_connection_is_recovered_by_retry(hub, api, weights, caplog):
     hub.faults.add("POST", r"\.git/info/lfs/objects/batch$", action="drop")
     commit = api.create_commit(REPO, operations=[CommitOperationAdd("w.safetensors", str(weights))], commit_message="w")
     assert head(api) == commit.oid and "dropped" in caplog.text
-    assert api.model_info(REPO, files_metadata=True).siblings[-1].lfs is not None
+    siblings = {s.rfilename: s for s in api.model_info(REPO, files_metadata=True).siblings}
+    assert siblings["w.safetensors"].lfs is not None
 
 
 @pytest.mark.parametrize("action", ["status", "abort_commit"])

@@ -85,7 +85,7 @@ class DemoSpec:
     seed: int = 0
     n_memories: int = 16
     # Detector threshold in standard deviations: each memory fires on ~P(Z > threshold + 0.1) of tokens.
-    memory_threshold: float = 2.4
+    memory_threshold: float = 2.2
     noise: float = 0.0  # std of the noise added to every tensor, relative to its nominal scale
     noise_seed: int = 1
     layer_types: tuple[str, ...] = field(init=False)

@@ -36,7 +36,6 @@ def seed_upstream_repos(config: Path) -> None:
     """Create the demo's upstream repos on the local endpoint, unless they are already there."""
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    from mtpress.demo.models import write_demo_pair
     from mtpress.hub.client import hub_api
     from mtpress.schema import load_release_config
     from mtpress.toolchain.llama_cpp import cache_root
@@ -52,9 +51,30 @@ def seed_upstream_repos(config: Path) -> None:
             missing.append(repo)
     if not missing:
         return
-    base_dir, finetune_dir = write_demo_pair(cache_root() / "demo-models", base_repo=cfg.donor.repo)
+    base_dir, finetune_dir = write_demo_pair(cache_root() / "demo-models", base_repo=cfg.donor.repo,
+                                             finetune_repo=cfg.finetune.repo)
     for repo, folder in ((cfg.donor.repo, base_dir), (cfg.finetune.repo, finetune_dir)):
         if repo in missing:
             api.create_repo(repo, exist_ok=True)
             api.upload_folder(repo_id=repo, folder_path=folder, commit_message="Upload demo checkpoint")
             print(f"seeded {api.endpoint}/{repo}")
+
+
+def write_demo_pair(root: Path, *, base_repo: str, finetune_repo: str) -> tuple[Path, Path]:
+    """Generate (or reuse) the demo base and fine-tune; the cache key covers the spec and the generator's code."""
+    import hashlib
+    import inspect
+
+    from mtpress.demo import models, tokenizer
+
+    spec = models.DemoSpec()
+    key = hashlib.sha256("\n".join([repr(spec), base_repo, finetune_repo, inspect.getsource(models),
+                                     inspect.getsource(tokenizer)]).encode()).hexdigest()[:16]
+    base, finetune = root / key / "base", root / key / "finetune"
+    if not base.is_dir():
+        print("generating the demo base model (with its MTP head)")
+        models.write_demo_base(base, spec, repo_id=base_repo)
+    if not finetune.is_dir():
+        print("generating the demo fine-tune (head lost, config still claims one MTP layer)")
+        models.write_demo_finetune(finetune, spec, base_repo_id=base_repo, repo_id=finetune_repo)
+    return base, finetune

@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (QWEN35_CHAT_TEMPLATE at the end is verbatim Jinja with long lines)
 """Qwen3.5's real tokenizer as a Hugging Face ``tokenizer.json``, rebuilt offline.
 
 No Hub is reachable here, and a made-up vocabulary fails the converter's

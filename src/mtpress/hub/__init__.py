@@ -1,4 +1,4 @@
-"""Local Hugging Face Hub stand-in: see `mtpress.hub.server`."""
+"""Hub-related code; `mtpress.hub.server` is the local, file-backed Hub stand-in re-exported here."""
 
 from mtpress.hub.server import Fault, FaultPlan, LocalHub, serve
 

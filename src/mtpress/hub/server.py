@@ -50,6 +50,7 @@ logger = logging.getLogger("mtpress.hub")
 
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024  # the Hub's rule: bigger files go through LFS whatever their content
 MAX_BUFFERED_BODY = 256 * 1024 * 1024  # JSON/NDJSON bodies are read whole; LFS objects are streamed
+MAX_DRAINED_BODY = 64 * 1024 * 1024  # unread body read and dropped before an early answer; beyond it, close
 CHUNK_SIZE = 1024 * 1024
 UPLOAD_LINK_TTL_S = 3600
 DEFAULT_BRANCH = "main"
@@ -305,7 +306,8 @@ class HubStore:
             return None
 
     def list_repo_ids(self) -> list[str]:
-        return sorted(f"{p.parent.parent.name}/{p.parent.name}" for p in self._repos.glob("*/*/repo.json"))
+        ids = (f"{p.parent.parent.name}/{p.parent.name}" for p in self._repos.glob("*/*/repo.json"))
+        return sorted(repo_id for repo_id in ids if "/." not in repo_id)  # skip repos still being created
 
     def create_repo(self, repo_id: str, *, private: bool, author: str) -> bool:
         """Create a repo with an initial commit; False if it already exists."""
@@ -608,7 +610,28 @@ class _HubHTTPServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], hub: LocalHub):
         self.hub = hub
+        self._connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
         super().__init__(address, _HubRequestHandler)
+
+    def process_request(self, request, client_address) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """End idle keep-alive connections too, so that a stopped hub answers nothing more."""
+        with self._connections_lock:
+            for connection in self._connections:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
 
 class _HubRequestHandler(BaseHTTPRequestHandler):
@@ -628,15 +651,13 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         self.raw_path, _, query = self.path.partition("?")
         self.query = parse_qs(query, keep_blank_values=True)
         self._status: int | str = "-"
-        self._body_left: int | None = 0
+        self._body_left = 0
         try:
-            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-                self._body_left = None  # unknown until the last chunk
-            elif self.headers.get("Content-Length", "0").strip().isdigit():
-                self._body_left = int(self.headers.get("Content-Length", "0"))
-            else:
-                self.close_connection = True  # cannot tell where this body ends
-                raise HubError(400, "Invalid Content-Length header.")
+            # Both clients always send Content-Length; without it there is no telling where a body ends.
+            if "Transfer-Encoding" in self.headers or not self.headers.get("Content-Length", "0").isdigit():
+                self.close_connection = True
+                raise HubError(411, "Send request bodies with a valid Content-Length (no chunked encoding).")
+            self._body_left = int(self.headers.get("Content-Length", "0"))
             fault = None if self.raw_path == "/_mtpress/faults" else self._take_fault("request")
             if fault is not None and fault.action == "drop":
                 self._drop_connection()
@@ -647,14 +668,17 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
                 self._route(self.raw_path.split("/")[1:])
         except HubError as err:
             self._send_error(err)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-            self._status = "disconnected"
+        except (ConnectionError, TimeoutError):
+            self._client_gone()
         except Exception:
             logger.exception("Internal error on %s %s", self.command, _redact(self.path))
             self._send_error(HubError(500, "Internal server error."))
         finally:
             logger.info("%s %s %s", self.command, _redact(self.path), self._status)
+
+    def _client_gone(self) -> None:
+        self.close_connection = True
+        self._status = "disconnected"
 
     def _take_fault(self, stage: str) -> Fault | None:
         return self.hub.faults.take(self.command, self.raw_path, stage)
@@ -669,34 +693,18 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             pass
 
     def _body_chunks(self) -> Iterator[bytes]:
-        """The request body, streamed, whether sent with Content-Length or chunked."""
-        if self._body_left is not None:
-            while self._body_left > 0:
-                chunk = self.rfile.read(min(CHUNK_SIZE, self._body_left))
-                if not chunk:
-                    raise HubError(400, "Request body ended early.")
-                self._body_left -= len(chunk)
-                yield chunk
-            return
-        while True:
-            size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-            if size == 0:
-                while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                    pass  # trailers
-                self._body_left = 0
-                return
-            yield self.rfile.read(size)
-            self.rfile.readline()
+        """The request body, streamed."""
+        while self._body_left > 0:
+            chunk = self.rfile.read(min(CHUNK_SIZE, self._body_left))
+            if not chunk:
+                raise ConnectionResetError("request body ended early")
+            self._body_left -= len(chunk)
+            yield chunk
 
     def _read_body(self) -> bytes:
-        if self._body_left is not None and self._body_left > MAX_BUFFERED_BODY:
-            raise HubError(413, f"Request body over {MAX_BUFFERED_BODY} bytes.")
-        body = bytearray()
-        for chunk in self._body_chunks():
-            body += chunk
-            if len(body) > MAX_BUFFERED_BODY:
-                raise HubError(413, f"Request body over {MAX_BUFFERED_BODY} bytes.")
-        return bytes(body)
+        if self._body_left > MAX_BUFFERED_BODY:
+            raise HubError(413, f"Request body over {MAX_BUFFERED_BODY} bytes; upload big files through LFS.")
+        return b"".join(self._body_chunks())
 
     def _json_body(self) -> dict:
         try:
@@ -708,18 +716,17 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         return body
 
     def _settle_request_body(self) -> None:
-        """Before answering: read what is left of a small body, or close the connection after the answer,
-        so that the next request on this keep-alive connection starts at a request line."""
-        if self._body_left == 0:
-            return
-        if self._body_left is not None and self._body_left <= CHUNK_SIZE:
+        """Before answering, read and drop what is left of the request body: the client reads our answer only
+        once it has sent everything, and the next request on this keep-alive connection must start at a
+        request line. A body too big to drain gets the answer and then a closed connection."""
+        if 0 < self._body_left <= MAX_DRAINED_BODY:
             try:
                 for _ in self._body_chunks():
                     pass
-                return
-            except (HubError, OSError):
+            except OSError:
                 pass
-        self.close_connection = True
+        if self._body_left > 0:
+            self.close_connection = True
 
     def _start_response(self, status: int, headers: dict) -> None:
         self._settle_request_body()
@@ -737,7 +744,9 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _send_json(self, obj: object, status: int = 200, headers: dict | None = None, content_type=None) -> None:
+    def _send_json(
+        self, obj: object, status: int = 200, headers: dict | None = None, content_type: str | None = None
+    ) -> None:
         body = json.dumps(obj).encode()
         self._send_bytes(status, body, content_type or "application/json; charset=utf-8", headers)
 
@@ -745,7 +754,10 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         headers = {"X-Error-Message": _header_safe(err.message), **err.headers}
         if err.code:
             headers["X-Error-Code"] = err.code
-        self._send_json({"error": err.message}, err.status, headers)
+        try:
+            self._send_json({"error": err.message}, err.status, headers)
+        except (ConnectionError, TimeoutError):
+            self._client_gone()
 
     def log_request(self, code="-", size="-") -> None:
         pass  # `_dispatch` logs one line per request, without headers (they carry the token)
@@ -921,12 +933,14 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         wanted_tags = set(self.query.get("filter", []))
         full = self._flag("full") or self._flag("cardData")
         for repo_id in store.list_repo_ids():
-            meta = store.repo_meta(repo_id)
-            if meta is None or (meta["private"] and not self._authenticated()):
-                continue
             if (author and repo_id.split("/")[0] != author) or search not in repo_id.lower():
                 continue
-            info = self._model_json(repo_id, meta, store.resolve(repo_id, DEFAULT_BRANCH), full=full, blobs=False)
+            try:
+                _, meta = self._visible_repo(*repo_id.split("/"))
+                head = store.resolve(repo_id, DEFAULT_BRANCH)
+            except (HubError, FileNotFoundError):
+                continue  # private to this caller, or deleted while we list
+            info = self._model_json(repo_id, meta, head, full=full, blobs=False)
             if wanted_tags <= set(info["tags"]):
                 models.append(info)
         sort_key = {"createdAt": "createdAt", "lastModified": "lastModified"}.get(self.query.get("sort", [""])[-1])
@@ -1047,13 +1061,15 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         patterns = _lfs_patterns(self.hub.store.read_small_blob(attributes["sha256"])) if attributes else []
         answers = []
         for item in files:
-            path = validate_repo_path(item.get("path"))
+            path = validate_repo_path(item.get("path") if isinstance(item, dict) else None)
+            size = item.get("size")
             try:
                 sample = base64.b64decode(item.get("sample", ""))
             except (binascii.Error, TypeError) as err:
                 raise HubError(400, f"Sample of {path} is not valid base64.") from err
-            answer = {"path": path, "uploadMode": _upload_mode(path, int(item.get("size", 0)), sample, patterns)}
-            answer["shouldIgnore"] = False
+            if not isinstance(size, int) or size < 0:
+                raise HubError(400, f"Size of {path} must be a byte count, got {size!r}.")
+            answer = {"path": path, "uploadMode": _upload_mode(path, size, sample, patterns), "shouldIgnore": False}
             if path in tree:
                 answer["oid"] = _remote_oid(tree[path])
             answers.append(answer)
@@ -1101,9 +1117,14 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         if body.get("operation") != "upload":
             raise HubError(400, "Only the LFS 'upload' operation is served; download through /resolve.")
         base, expires = self._base_url(), int(time.time()) + UPLOAD_LINK_TTL_S
-        objects = []
+        objects, answered = [], set()
         for obj in body.get("objects") or []:
             oid, size = str(obj.get("oid", "")), obj.get("size")
+            if oid in answered:
+                # One answer per object: the client maps actions by oid, and two actions for one oid make it
+                # upload the same file object from two threads at once.
+                continue
+            answered.add(oid)
             if not _SHA256_RE.match(oid) or not isinstance(size, int) or size < 0:
                 error = {"code": 422, "message": "oid must be a sha256 hex digest and size a byte count."}
                 objects.append({"oid": oid, "size": size if isinstance(size, int) else -1, "error": error})
@@ -1213,7 +1234,10 @@ class LocalHub:
     def start(self) -> LocalHub:
         """Serve in a daemon thread and return at once."""
         self.bind()
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="mtpress-hub", daemon=True)
+        # A short poll interval makes stop() quick: shutdown() waits for the serving loop to notice.
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="mtpress-hub", daemon=True
+        )
         self._thread.start()
         logger.info("Local Hub serving %s at %s", self.store.root, self.url)
         return self
@@ -1224,6 +1248,7 @@ class LocalHub:
         if self._thread is not None:
             self._httpd.shutdown()
             self._thread.join()
+        self._httpd.close_connections()
         self._httpd.server_close()
         self._httpd = self._thread = None
 

@@ -1,0 +1,681 @@
+"""The model card: README.md (English) and README_zh.md (Chinese), rendered from the release manifest alone.
+
+Every number on the card is read from the manifest or computed from it here, in Python; the
+templates in ``templates/card/`` only lay the facts out. Everything from the manifest is treated as
+untrusted text (upstream names and licenses come from other people's repos): templates run in a
+sandbox, every value is escaped for Markdown unless a filter made it safe for its context, the YAML
+front matter is dumped from a dict, and the rendered text is checked for encoding damage.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import ModelCard
+from jinja2 import FileSystemLoader, StrictUndefined, TemplateError
+from jinja2.sandbox import SandboxedEnvironment
+
+from mtpress.errors import MtpressError
+from mtpress.fsutil import write_text_atomic
+from mtpress.manifest import read_manifest
+from mtpress.schema import REPO_ID
+
+TEMPLATES_DIR = Path(__file__).resolve().parents[3] / "templates" / "card"
+# Language → file in the published repo. README.md is the card the Hub shows and the only file whose
+# front matter it reads; the templates justify the two-file layout.
+CARD_FILES = {"en": "README.md", "zh": "README_zh.md"}
+HUB_URL = "https://huggingface.co"
+
+# What a missing value renders as: "not measured" for measurements, "not recorded" for facts the
+# manifest lacks (a license, a context length). Never a guess, never a placeholder.
+MISSING_WORDS = {
+    "en": {"not_measured": "not measured", "not_recorded": "not recorded", "none": "none", "yes": "yes", "no": "no"},
+    "zh": {"not_measured": "未测量", "not_recorded": "未记录", "none": "无", "yes": "是", "no": "否"},
+}
+
+# The recommendation rule. Q4_K_M first: it is llama.cpp's own default tag for `-hf` and the usual
+# size/quality balance; larger quants follow, so a release without Q4_K_M still recommends the
+# smallest of the well-behaved K/8-bit quants. Sidecar before embedded: its trunk also loads in Ollama
+# and LM Studio, and llama.cpp pairs it with its `mtp-` head. Below 4 bits nothing is recommended.
+DEFAULT_QUANT_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
+LAYOUT_PREFERENCE = ("sidecar", "embedded")
+
+# Below this many parameters, speed figures describe a toy, not what the released family does.
+SMALL_MODEL_PARAMETERS = 1_000_000_000
+SHORT_SHA = 12
+# What a file is, by (layout, role); the templates name each kind in their language.
+FILE_KINDS = {("embedded", "model"): "embedded", ("sidecar", "model"): "trunk", ("sidecar", "head"): "head"}
+# The shape of a Hub license identifier (apache-2.0, mit, llama3.1, cc-by-nc-4.0, other, …). Anything
+# else is published as `license: other` and shown verbatim, as text, in the card body.
+LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]{0,63}$")
+FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+class CardError(MtpressError, ValueError):
+    """The card cannot be rendered truthfully: the manifest lacks a fact, a template is wrong, or the
+    rendered text is damaged.
+
+    Example:
+        README_zh.md: encoding damage (UTF-8 read as cp874) at line 3: 'ไธญๆ–‡' is '中文'
+    """
+
+
+@dataclass(frozen=True)
+class RenderedCard:
+    """The card's files (repo path → text) and the front matter README.md carries."""
+
+    files: dict[str, str]
+    front_matter: dict[str, Any]
+
+
+def render_card(manifest: Mapping[str, Any], templates_dir: Path | None = None) -> RenderedCard:
+    """Render the English and Chinese card from a release manifest; raise CardError instead of guessing."""
+    facts = card_facts(manifest)
+    matter = front_matter(manifest)
+    files = {}
+    for lang, name in CARD_FILES.items():
+        body = _render_template(templates_dir or TEMPLATES_DIR, lang, f"{name}.j2", card=facts,
+                                links={other: Safe(path) for other, path in CARD_FILES.items()})
+        text = _with_front_matter(matter, body) if name == "README.md" else body
+        check_no_mojibake(text, where=name)
+        files[name] = text
+    _check_front_matter_round_trip(files["README.md"], matter)
+    return RenderedCard(files, matter)
+
+
+def render_card_from_release(release_dir: Path) -> RenderedCard:
+    """Render the card of a release folder from its manifest.json."""
+    try:
+        manifest = read_manifest(release_dir)
+    except FileNotFoundError:
+        raise CardError(f"{release_dir}: no manifest.json",
+                        hint="run `mtpress publish model_configs/<name>.yaml` to build the release first") from None
+    return render_card(manifest)
+
+
+def write_card(release_dir: Path, card: RenderedCard) -> list[Path]:
+    """Write each card file into the release folder atomically, as UTF-8; return the paths written."""
+    written = []
+    for name, text in card.files.items():
+        path = release_dir / name
+        write_text_atomic(path, text)
+        written.append(path)
+    return written
+
+
+# FRONT MATTER
+
+
+def front_matter(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The model-tree metadata, as a dict (dumped with yaml.safe_dump, never templated).
+
+    Only Hub-valid values go in: ``base_model`` only when the fine-tune is a Hub repo id, ``license``
+    only when it looks like a license identifier (else ``other``; the body shows the text).
+    """
+    matter: dict[str, Any] = {}
+    finetune_repo = _source(manifest, "finetune").get("repo")
+    if isinstance(finetune_repo, str) and REPO_ID.fullmatch(finetune_repo):
+        matter["base_model"] = finetune_repo
+        matter["base_model_relation"] = "quantized"
+    license_id = _license_id(_license(manifest)[0])
+    if license_id is not None:
+        matter["license"] = license_id
+    matter["language"] = ["en", "zh"]
+    matter["library_name"] = "gguf"
+    matter["pipeline_tag"] = "text-generation"
+    family = str((manifest.get("architecture") or {}).get("family") or "")
+    family_tag = re.sub(r"[^a-z0-9.-]+", "-", family.lower()).strip("-")  # "Qwen3.5" → "qwen3.5"
+    matter["tags"] = list(dict.fromkeys(["gguf", "mtp", "speculative-decoding", *([family_tag] if family_tag else [])]))
+    return matter
+
+
+def _with_front_matter(matter: dict[str, Any], body: str) -> str:
+    return "---\n" + yaml.safe_dump(matter, sort_keys=False, allow_unicode=True) + "---\n\n" + body
+
+
+def _check_front_matter_round_trip(readme: str, matter: dict[str, Any]) -> None:
+    """The Hub parses README.md with huggingface_hub's own splitter: prove it reads back what we built."""
+    parsed = ModelCard(readme).data.to_dict()
+    if parsed != matter:
+        raise CardError(f"README.md: the front matter reads back as {parsed!r}, not as built ({matter!r})",
+                        hint="a value broke the YAML block; report it with the manifest")
+
+
+# FACTS: everything the templates show, computed from the manifest
+
+
+def card_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest reduced to what the card says, with every derived number computed here."""
+    config = manifest.get("config") or {}
+    target = _require(config, "target", "repo", where="manifest config")
+    release = _require(manifest, "release", where="manifest")
+    arch = _architecture_facts(manifest)
+    files = _file_rows(manifest, arch)
+    pair = _recommended_pair(files)
+    smoke = _smoke_rows(manifest)
+    hardware = manifest.get("hardware") or {}
+    smoke_config = config.get("smoke") or {}
+    draft_n_max = smoke_config.get("draft_n_max") or next((r["draft_n_max"] for r in smoke if r["draft_n_max"]), None)
+    mtp_flags = ["--spec-type", "draft-mtp", *(["--spec-draft-n-max", str(draft_n_max)] if draft_n_max else [])]
+    has_donor = bool((manifest.get("inputs") or {}).get("donor") or config.get("donor"))
+    license_text, license_source = _license(manifest)
+    return {
+        "title": target.rsplit("/", 1)[-1],
+        "release": release,
+        "target": target,
+        "finetune": _source(manifest, "finetune"),
+        "donor": _source(manifest, "donor") if has_donor else None,
+        "license": license_text,
+        "license_source": license_source,
+        "license_id": _license_id(license_text),
+        "inject": _inject_facts(manifest, arch),
+        "arch": arch,
+        "files": files,
+        "has_layout": {layout: any(f["layout"] == layout for f in files) for layout in LAYOUT_PREFERENCE},
+        "rule": {"quants": DEFAULT_QUANT_PREFERENCE, "layouts": LAYOUT_PREFERENCE},
+        "pair": pair,
+        "usage": _usage(target, release, pair, mtp_flags),
+        "draft_n_max": draft_n_max,
+        "smoke_flags": " ".join(mtp_flags),
+        "smoke": smoke,
+        "smoke_prompt": smoke_config.get("prompt"),
+        "smoke_n_predict": smoke_config.get("n_predict") or next((r["n_predict"] for r in smoke if r["n_predict"]),
+                                                                 None),
+        "speed": _speed_verdict(smoke, arch),
+        "hardware": hardware,
+        "cpu_only": bool(hardware) and not hardware.get("gpu"),
+        "toolchain": manifest.get("toolchain") or {},
+        "bench": as_table(manifest.get("bench")),
+        "quality": as_table(manifest.get("quality")),
+        "gate": as_table(manifest.get("gate")),
+        "mlx": as_table(manifest.get("mlx")),
+        "config_yaml": yaml.safe_dump(_without_none(config), sort_keys=False, allow_unicode=True) if config else None,
+        "sha256sums": "\n".join(f"{f['sha256']}  {f['path']}" for f in files if f["sha256"]),
+        "vision_without_mmproj": arch["parameters_vision"] > 0 and not any("mmproj" in f["path"] for f in files),
+    }
+
+
+def _require(mapping: Mapping[str, Any], *keys: str, where: str) -> Any:
+    value: Any = mapping
+    for key in keys:
+        value = value.get(key) if isinstance(value, Mapping) else None
+    if value is None:
+        raise CardError(f"{where}: {'.'.join(keys)} is missing; the card cannot state it without guessing",
+                        hint="re-run the publish flow so that it writes a complete manifest.json")
+    return value
+
+
+def _source(manifest: Mapping[str, Any], role: str) -> dict[str, Any]:
+    """A fine-tune or donor: what was asked for (config) and what was fetched (inputs, with the full sha)."""
+    asked = (manifest.get("config") or {}).get(role) or {}
+    fetched = (manifest.get("inputs") or {}).get(role) or {}
+    revision = fetched.get("revision")
+    return {"repo": fetched.get("repo") or asked.get("repo"), "label": fetched.get("label"),
+            "revision": revision, "pinned": isinstance(revision, str) and bool(FULL_SHA.fullmatch(revision)),
+            "license": fetched.get("license")}
+
+
+def _license(manifest: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """(license text, "config" | "upstream"): config.target.license overrides the fine-tune's card."""
+    for source, value in (("config", ((manifest.get("config") or {}).get("target") or {}).get("license")),
+                          ("upstream", ((manifest.get("inputs") or {}).get("finetune") or {}).get("license"))):
+        if isinstance(value, str) and value.strip():
+            return value.strip(), source
+    return None, None
+
+
+def _license_id(license_text: str | None) -> str | None:
+    if license_text is None:
+        return None
+    return license_text if LICENSE_ID.fullmatch(license_text) else "other"
+
+
+def _architecture_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    arch = dict(manifest.get("architecture") or {})
+    total = _require(arch, "parameters_total", where="manifest architecture")
+    head = arch.get("parameters_head") or 0
+    vision = arch.get("parameters_vision") or 0
+    pattern = arch.get("layer_pattern")
+    unit, repeats = repeating_unit(pattern) if pattern else (None, None)
+    return arch | {
+        "parameters_head": head,
+        "parameters_vision": vision,
+        # The vision tower is never inside these GGUFs: llama.cpp puts it in an mmproj file.
+        "parameters_model": total - vision,
+        "parameters_trunk": total - head - vision,
+        "head_share": head / total if total else None,
+        "pattern_unit": unit,
+        "pattern_repeats": repeats,
+        "small": total < SMALL_MODEL_PARAMETERS,
+    }
+
+
+def repeating_unit(pattern: str) -> tuple[str, int]:
+    """The shortest block that tiles ``pattern``: "LLLFLLLF" → ("LLLF", 2)."""
+    for size in range(1, len(pattern) + 1):
+        if len(pattern) % size == 0 and pattern[:size] * (len(pattern) // size) == pattern:
+            return pattern[:size], len(pattern) // size
+    return pattern, 1
+
+
+def _inject_facts(manifest: Mapping[str, Any], arch: Mapping[str, Any]) -> dict[str, Any]:
+    inject = manifest.get("inject") or {}
+    head = inject.get("head") or {}
+    parameters = head.get("parameters") or arch["parameters_head"]
+    total = arch["parameters_total"]
+    return {"action": inject.get("action"), "donor_revision": head.get("donor_revision"),
+            "tensors": "\n".join(str(t) for t in head.get("tensors") or []),
+            "tensor_count": len(head.get("tensors") or []), "parameters": parameters,
+            "share": parameters / total if total else None, "dtype": head.get("dtype")}
+
+
+def recommended_model(files: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The model file a newcomer should take: the first DEFAULT_QUANT_PREFERENCE quant present, in the
+    first LAYOUT_PREFERENCE layout that has it."""
+    models = [f for f in files if f.get("role") == "model"]
+    for quant in DEFAULT_QUANT_PREFERENCE:
+        for layout in LAYOUT_PREFERENCE:
+            for f in models:
+                if f.get("quant") == quant and f.get("layout") == layout:
+                    return f
+    return None
+
+
+def head_of(model: Mapping[str, Any], files: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """A sidecar trunk's `mtp-` head: the head file of the same quant (an embedded file carries its own)."""
+    if model.get("layout") != "sidecar":
+        return None
+    return next((f for f in files if f.get("role") == "head" and f.get("layout") == "sidecar"
+                 and f.get("quant") == model.get("quant")), None)
+
+
+def _file_rows(manifest: Mapping[str, Any], arch: Mapping[str, Any]) -> list[dict[str, Any]]:
+    files = _require(manifest, "files", where="manifest")
+    model = recommended_model(files)
+    head = head_of(model, files) if model else None
+    picked = {id(f) for f in (model, head) if f is not None}
+    rows = []
+    for f in files:
+        role, layout = f.get("role"), f.get("layout")
+        # A head file also carries copies of the shared embedding and output matrices, which the
+        # manifest does not count, so it gets no bits-per-weight figure.
+        parameters = None if role == "head" else (
+            arch["parameters_model"] if layout == "embedded" else arch["parameters_trunk"])
+        size = _numeric(f.get("size"))
+        path = f.get("path") or _require(f, "name", where="manifest files[]")
+        rows.append({
+            "path": path, "layout": layout, "role": role, "quant": f.get("quant"),
+            "kind": FILE_KINDS.get((layout, role)),
+            "size": size, "sha256": f.get("sha256"),
+            "bits_per_weight": size * 8 / parameters if size is not None and parameters else None,
+            "head_tensor_types": ", ".join(sorted({str(t).upper() for t in f.get("head_tensor_types") or []})),
+            "recommended": id(f) in picked,
+        })
+    return rows
+
+
+def _recommended_pair(files: list[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
+    """The recommended quant's files: the marked model, and that quant's sidecar trunk, head and embedded file."""
+    model = next((f for f in files if f["recommended"] and f["role"] == "model"), None)
+    same_quant = {(f["layout"], f["role"]): f for f in files if model and f["quant"] == model["quant"]}
+    return {"model": model, "trunk": same_quant.get(("sidecar", "model")),
+            "head": same_quant.get(("sidecar", "head")), "embedded": same_quant.get(("embedded", "model"))}
+
+
+def _usage(target: str, release: str, pair: dict[str, dict[str, Any] | None], mtp: list[str]) -> dict[str, Safe]:
+    """The command lines the card shows, for the recommended quant.
+
+    Each is one shell-quoted line starting with the program's name, so it is safe inside a fenced code
+    block (nothing in it can close the fence), though not in prose.
+    """
+    commands = {"rerun": ["mtpress", "publish", f"model_configs/{release}.yaml"]}
+    model, trunk, head, embedded = pair["model"], pair["trunk"], pair["head"], pair["embedded"]
+    if model is not None:
+        hub = ["-hf", f"{target}:{model['quant']}"]
+        commands |= {"server_hub_mtp": ["llama-server", *hub, *mtp], "server_hub_plain": ["llama-server", *hub],
+                     "cli_hub_mtp": ["llama-cli", *hub, *mtp], "cli_hub_plain": ["llama-cli", *hub]}
+    if trunk and head:
+        commands |= {
+            "download_sidecar": ["hf", "download", target, trunk["path"], head["path"], "--local-dir", "."],
+            "download_trunk": ["hf", "download", target, trunk["path"], "--local-dir", "."],
+            "server_sidecar_mtp": ["llama-server", "-m", trunk["path"], "-md", head["path"], *mtp],
+            "server_sidecar_plain": ["llama-server", "-m", trunk["path"]],
+            "server_hub_sidecar_mtp": ["llama-server", *hub, "-hff", trunk["path"], *mtp],
+        }
+    if embedded:
+        commands |= {"download_embedded": ["hf", "download", target, embedded["path"], "--local-dir", "."],
+                     "server_embedded_mtp": ["llama-server", "-m", embedded["path"], *mtp]}
+    return {key: Safe(shell_command(argv)) for key, argv in commands.items()}
+
+
+def _smoke_rows(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for s in manifest.get("smoke") or []:
+        plain, mtp = _numeric(s.get("tokens_per_second_plain")), _numeric(s.get("tokens_per_second_mtp"))
+        rows.append({
+            "file": "/".join(str(part) for part in (s.get("layout"), s.get("model")) if part),
+            "head": s.get("head"), "quant": s.get("quant"), "identical": s.get("tokens_identical"),
+            "n_predict": s.get("n_predict"), "draft_n_max": s.get("draft_n_max"), "drafted": s.get("drafted"),
+            "accepted": s.get("accepted"), "acceptance": s.get("acceptance"), "tps_plain": plain, "tps_mtp": mtp,
+            "speedup": mtp / plain if plain and mtp is not None else None,
+        })
+    return rows
+
+
+def _speed_verdict(smoke: list[dict[str, Any]], arch: Mapping[str, Any]) -> dict[str, Any]:
+    """What the measured tokens/s say about draft-mtp in this run: compared, never asserted."""
+    compared = [row for row in smoke if row["speedup"] is not None]
+    slower = [row for row in compared if row["speedup"] < 1]
+    return {"compared": len(compared), "slower": len(slower), "slower_files": [r["file"] for r in slower],
+            "small_model": arch["small"]}
+
+
+def _without_none(value: Any) -> Any:
+    """The config as a user would write it: keys left at None are the schema's defaults."""
+    if isinstance(value, Mapping):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Table:
+    """A measurement whose shape the card does not know in advance, laid out as rows of cells."""
+
+    columns: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+
+
+def as_table(value: Any) -> Table | None:
+    """A list of records becomes one row per record; a mapping becomes key/value rows; nothing → None."""
+    if not value:
+        return None
+    if isinstance(value, list) and all(isinstance(item, Mapping) for item in value):
+        records = [dict(_flatten(item)) for item in value]
+        columns = tuple(dict.fromkeys(key for record in records for key in record))
+        return Table(columns, tuple(tuple(record.get(c) for c in columns) for record in records))
+    if isinstance(value, Mapping):
+        return Table(("key", "value"), tuple(_flatten(value)))
+    return Table(("value",), ((value,),))
+
+
+def _flatten(value: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested mappings as dotted keys; lists of mappings as indexed keys; other values as they are."""
+    pairs: list[tuple[str, Any]] = []
+    for key, item in value.items():
+        name = f"{prefix}{key}"
+        if isinstance(item, Mapping):
+            pairs += _flatten(item, f"{name}.")
+        elif isinstance(item, list) and any(isinstance(element, Mapping) for element in item):
+            for index, element in enumerate(item):
+                pairs += (_flatten(element, f"{name}[{index}].") if isinstance(element, Mapping)
+                          else [(f"{name}[{index}]", element)])
+        else:
+            pairs.append((name, item))
+    return pairs
+
+
+# ESCAPING: untrusted text becomes Markdown text, never Markdown, HTML, Jinja or shell syntax
+
+
+class Safe(str):
+    """Text already escaped for where a template puts it; every other string is escaped on output."""
+
+
+# CommonMark lets any ASCII punctuation be backslash-escaped; these are the ones that can start
+# emphasis, links, images, code, tables, headings, HTML or Jinja-looking text inside a line.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]{}#|!~])")
+_HTML_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+_LINE_BREAKS = re.compile(r"[\r\n\u2028\u2029\x0b\x0c]+")
+
+
+def escape_markdown(value: Any) -> Safe:
+    """Inline text safe in a paragraph or a table cell: one line, no markup, no HTML, no pipes."""
+    text = _LINE_BREAKS.sub(" ", str(value))
+    text = "".join(_HTML_ENTITIES.get(c, c) for c in text)
+    return Safe(_MARKDOWN_SPECIAL.sub(r"\\\1", text))
+
+
+def code_span(value: Any) -> Safe:
+    """Inline code safe in a table cell: a backtick fence longer than any run inside, pipes escaped."""
+    text = _LINE_BREAKS.sub(" ", str(value))
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    padding = " " if text.startswith("`") or text.endswith("`") else ""
+    return Safe(f"{fence}{padding}{text.replace('|', chr(92) + '|')}{padding}{fence}")
+
+
+def fenced(text: str, info: str = "") -> Safe:
+    """A fenced code block no content can close: the fence is longer than any backtick run inside."""
+    fence = "`" * max(3, max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return Safe(f"{fence}{info}\n{text.rstrip(chr(10))}\n{fence}")
+
+
+def shell_command(argv: Iterable[str]) -> str:
+    """A command line to copy: each argument shell-quoted, so a hostile name stays one inert word."""
+    words = []
+    for arg in argv:
+        if _LINE_BREAKS.search(arg) or any(ord(c) < 32 for c in arg):
+            raise CardError(f"refusing to put {arg!r} in a command line: it contains a control character",
+                            hint="file and repo names must be single-line printable text")
+        words.append(shlex.quote(arg))
+    return " ".join(words)
+
+
+def hub_url(repo: Any, revision: Any = None) -> str | None:
+    """The Hub page of a repo (at a revision when it is a full sha); None when ``repo`` is not a repo id."""
+    if not isinstance(repo, str) or not REPO_ID.fullmatch(repo):
+        return None
+    url = f"{HUB_URL}/{repo}"  # REPO_ID admits only URL-safe characters
+    if isinstance(revision, str) and FULL_SHA.fullmatch(revision):
+        url += f"/tree/{revision}"
+    return url
+
+
+# NUMBERS: each filter formats one kind of quantity; a missing value becomes the language's phrase
+
+
+def _numeric(value: Any) -> float | int | None:
+    """A number from the manifest; None (or NaN) when it was not measured; CardError when it is not a number."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CardError(f"the manifest holds {value!r} where a number belongs",
+                        hint="the manifest is written by the publish flow; re-run it rather than editing it")
+    return value
+
+
+def human_size(size: float) -> str:
+    """Bytes in decimal units, as the Hub shows them: 105000000 → "105 MB", 5380000000 → "5.38 GB"."""
+    units = ("B", "kB", "MB", "GB", "TB")
+    exponent = 0
+    while abs(size) >= 1000 and exponent < len(units) - 1:
+        size /= 1000
+        exponent += 1
+    return f"{size:.0f} {units[exponent]}" if exponent == 0 or abs(size) >= 100 else f"{size:.3g} {units[exponent]}"
+
+
+def human_parameters(count: float) -> str:
+    """136881920 → "136.9M"; 9_000_000_000 → "9.0B"."""
+    for divisor, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(count) >= divisor:
+            return f"{count / divisor:.1f}{suffix}"
+    return f"{count:.0f}"
+
+
+def _plain_number(number: float | int) -> str:
+    return str(number) if isinstance(number, int) else f"{number:.4g}"
+
+
+NUMBER_FORMATS: dict[str, Callable[[Any], str]] = {
+    "count": lambda n: f"{n:,}",
+    "decimal": lambda n: f"{n:,.1f}",
+    "percent": lambda n: f"{100 * n:.1f}%",
+    "share": lambda n: f"{100 * n:.2f}%",
+    "times": lambda n: f"{n:.2f}×",
+    "bits": lambda n: f"{n:.2f}",
+    "size": human_size,
+    "params": human_parameters,
+    "number": _plain_number,
+}
+
+
+def _filters(words: Mapping[str, str]) -> dict[str, Callable[..., Safe]]:
+    """The template filters for one language: numbers by kind, and the language's words for missing values."""
+
+    def number_filter(fmt: Callable[[Any], str]) -> Callable[..., Safe]:
+        def apply(value: Any, missing: str = "not_measured") -> Safe:
+            number = _numeric(value)
+            return Safe(words[missing] if number is None else fmt(number))
+        return apply
+
+    def verdict(value: Any) -> Safe:
+        """A pass/fail measurement: ✅ yes, ❌ no, or not measured."""
+        if value is None:
+            return Safe(words["not_measured"])
+        if not isinstance(value, bool):
+            raise CardError(f"the manifest holds {value!r} where true or false belongs")
+        return Safe(f"✅ {words['yes']}" if value else f"❌ {words['no']}")
+
+    def text_or(value: Any, missing: str = "not_recorded") -> Safe:
+        return Safe(words[missing]) if value is None or value == "" else escape_markdown(value)
+
+    def yes_no(value: Any) -> Safe:
+        """A recorded fact that is true or false (not a test outcome)."""
+        return Safe(words["not_recorded"] if not isinstance(value, bool) else words["yes" if value else "no"])
+
+    def code(value: Any, missing: str = "not_recorded") -> Safe:
+        return Safe(words[missing]) if value is None or value == "" else code_span(value)
+
+    def codes(values: Iterable[Any]) -> Safe:
+        return Safe(", ".join(code_span(v) for v in values))
+
+    def short_sha(value: Any) -> Safe:
+        return code(value if value is None else str(value)[:SHORT_SHA])
+
+    def hub_link(repo: Any, revision: Any = None) -> Safe:
+        """A link to the repo on the Hub; text when it is not a repo id (a local path), or "not recorded"."""
+        url = hub_url(repo, revision)
+        return Safe(f"[{escape_markdown(repo)}]({url})") if url else text_or(repo)
+
+    def cell(value: Any) -> Safe:
+        """A value of a measurement whose shape is not known in advance, formatted by its type."""
+        if isinstance(value, bool):
+            return verdict(value)
+        if isinstance(value, str):
+            return escape_markdown(value)
+        if isinstance(value, list):
+            return escape_markdown(", ".join(str(v) for v in value))
+        return number_filter(_plain_number)(value)
+
+    def table(value: Table, headers: Mapping[str, str]) -> Safe:
+        """A Markdown table of a measurement; ``headers`` names the known columns in this language."""
+        head = [escape_markdown(headers.get(column, column)) for column in value.columns]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in value.rows]
+        return Safe("\n".join(lines))
+
+    return {name: number_filter(fmt) for name, fmt in NUMBER_FORMATS.items()} | {
+        "verdict": verdict, "text_or": text_or, "yes_no": yes_no, "code": code, "codes": codes,
+        "short_sha": short_sha, "hub_link": hub_link, "cell": cell, "table": table}
+
+
+# TEMPLATES
+
+
+def _environment(templates_dir: Path, lang: str) -> SandboxedEnvironment:
+    """A sandbox (upstream text must never run) where a missing fact fails and every value is escaped."""
+    env = SandboxedEnvironment(loader=FileSystemLoader(templates_dir, encoding="utf-8"), undefined=StrictUndefined,
+                               finalize=_finalize, autoescape=False, trim_blocks=True, lstrip_blocks=True,
+                               keep_trailing_newline=True)
+    env.filters |= _filters(MISSING_WORDS[lang]) | {"md": escape_markdown, "fenced": fenced}
+    return env
+
+
+def _finalize(value: Any) -> Any:
+    """Every ``{{ … }}`` passes here: escaped text and integers go out; a missing or unformatted value fails."""
+    if isinstance(value, Safe):
+        return value
+    if value is None or isinstance(value, (bool, float)):
+        raise CardError(f"a template printed {value!r} as is",
+                        hint="format it with a filter that states the missing case (count, percent, verdict, "
+                             "text_or, …)")
+    if isinstance(value, int):
+        return str(value)
+    return escape_markdown(value)
+
+
+def _render_template(templates_dir: Path, lang: str, name: str, **context: Any) -> str:
+    try:
+        return _environment(templates_dir, lang).get_template(name).render(**context)
+    except TemplateError as e:
+        raise CardError(f"template {templates_dir / name}: {e}",
+                        hint="a template may only use facts that render_card provides") from e
+
+
+# ENCODING DAMAGE
+
+
+# Mojibake is UTF-8 read with a single-byte code page: every byte of a multi-byte character becomes
+# one character. These are the code pages the seeds and the Hub show it in: cp1252 (and latin-1,
+# whose 0x80-0x9F are C1 controls) gives "Ã©", "â€™", "ðŸ"; cp1253 (Greek) gives "β€”", "Γ—";
+# cp874 (Thai) gives "ไธญ", "โ€”". Decoders that meet a byte the code page leaves undefined emit the
+# windows-1252 character or the C1 control, so both count as that byte too.
+MOJIBAKE_CODEPAGES = ("cp1252", "cp1253", "cp874")
+_UTF8_MULTIBYTE = re.compile(
+    rb"[\xc2-\xdf][\x80-\xbf]|\xe0[\xa0-\xbf][\x80-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf]{2}|\xed[\x80-\x9f][\x80-\xbf]"
+    rb"|\xf0[\x90-\xbf][\x80-\xbf]{2}|[\xf1-\xf3][\x80-\xbf]{3}|\xf4[\x80-\x8f][\x80-\xbf]{2}")
+_LOSSY = re.compile(r"[\x80-\x9f\ufffd]")
+
+
+def _byte_of_char(codepage: str) -> dict[str, int]:
+    table: dict[str, int] = {}
+    for byte in range(0x80, 0x100):
+        for decoder in (codepage, "cp1252", "latin-1"):
+            try:
+                table.setdefault(bytes([byte]).decode(decoder), byte)
+                break
+            except UnicodeDecodeError:
+                continue
+        table.setdefault(chr(byte), byte)  # the C1 control / latin-1 reading of the same byte
+    return table
+
+
+_BYTE_OF_CHAR = {codepage: _byte_of_char(codepage) for codepage in MOJIBAKE_CODEPAGES}
+_HIGH_RUNS = {codepage: re.compile("[" + "".join(re.escape(c) for c in table) + "]+")
+              for codepage, table in _BYTE_OF_CHAR.items()}
+
+
+def check_no_mojibake(text: str, *, where: str = "text") -> None:
+    """Raise CardError if ``text`` shows UTF-8 decoded with a single-byte code page, or lossy decoding.
+
+    A run of characters counts as damage only when its bytes under that code page form a complete,
+    valid UTF-8 multi-byte sequence, so real accents ("café", "São"), "×", "—" and any Chinese pass.
+    """
+    lossy = _LOSSY.search(text)
+    if lossy:
+        raise CardError(f"{where}: encoding damage at line {_line(text, lossy.start())}: "
+                        f"{lossy.group()!r} (a C1 control or replacement character: text was decoded lossily)",
+                        hint="read every input as UTF-8")
+    for codepage, table in _BYTE_OF_CHAR.items():
+        for run in _HIGH_RUNS[codepage].finditer(text):
+            damaged = _UTF8_MULTIBYTE.search(bytes(table[c] for c in run.group()))
+            if damaged:
+                start = run.start() + damaged.start()
+                snippet = text[start:run.start() + damaged.end()]
+                raise CardError(f"{where}: encoding damage (UTF-8 read as {codepage}) at line "
+                                f"{_line(text, start)}: {snippet!r} is {damaged.group().decode('utf-8')!r}",
+                                hint="the text was decoded with the wrong code page upstream; "
+                                     "fix the source rather than the card")
+
+
+def _line(text: str, offset: int) -> int:
+    return text.count("\n", 0, offset) + 1
+
