@@ -162,7 +162,7 @@ def card_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
     smoke = _smoke_rows(manifest)
     hardware = manifest.get("hardware") or {}
     smoke_config = config.get("smoke") or {}
-    draft_n_max = smoke_config.get("draft_n_max") or next((r["draft_n_max"] for r in smoke if r["draft_n_max"]), None)
+    draft_n_max = _smoke_setting(smoke_config, smoke, "draft_n_max")
     mtp_flags = ["--spec-type", "draft-mtp", *(["--spec-draft-n-max", str(draft_n_max)] if draft_n_max else [])]
     has_donor = bool((manifest.get("inputs") or {}).get("donor") or config.get("donor"))
     license_text, license_source = _license(manifest)
@@ -179,15 +179,14 @@ def card_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
         "arch": arch,
         "files": files,
         "has_layout": {layout: any(f["layout"] == layout for f in files) for layout in LAYOUT_PREFERENCE},
-        "rule": {"quants": DEFAULT_QUANT_PREFERENCE, "layouts": LAYOUT_PREFERENCE},
+        "preferred_quants": DEFAULT_QUANT_PREFERENCE,
         "pair": pair,
         "usage": _usage(target, release, pair, mtp_flags),
         "draft_n_max": draft_n_max,
         "smoke_flags": " ".join(mtp_flags),
         "smoke": smoke,
         "smoke_prompt": smoke_config.get("prompt"),
-        "smoke_n_predict": smoke_config.get("n_predict") or next((r["n_predict"] for r in smoke if r["n_predict"]),
-                                                                 None),
+        "smoke_n_predict": _smoke_setting(smoke_config, smoke, "n_predict"),
         "speed": _speed_verdict(smoke, arch),
         "hardware": hardware,
         "cpu_only": bool(hardware) and not hardware.get("gpu"),
@@ -216,10 +215,8 @@ def _source(manifest: Mapping[str, Any], role: str) -> dict[str, Any]:
     """A fine-tune or donor: what was asked for (config) and what was fetched (inputs, with the full sha)."""
     asked = (manifest.get("config") or {}).get(role) or {}
     fetched = (manifest.get("inputs") or {}).get(role) or {}
-    revision = fetched.get("revision")
     return {"repo": fetched.get("repo") or asked.get("repo"), "label": fetched.get("label"),
-            "revision": revision, "pinned": isinstance(revision, str) and bool(FULL_SHA.fullmatch(revision)),
-            "license": fetched.get("license")}
+            "revision": fetched.get("revision"), "license": fetched.get("license")}
 
 
 def _license(manifest: Mapping[str, Any]) -> tuple[str | None, str | None]:
@@ -315,7 +312,7 @@ def _file_rows(manifest: Mapping[str, Any], arch: Mapping[str, Any]) -> list[dic
             "kind": FILE_KINDS.get((layout, role)),
             "size": size, "sha256": f.get("sha256"),
             "bits_per_weight": size * 8 / parameters if size is not None and parameters else None,
-            "head_tensor_types": ", ".join(sorted({str(t).upper() for t in f.get("head_tensor_types") or []})),
+            "head_tensor_types": sorted({str(t).upper() for t in f.get("head_tensor_types") or []}),
             "recommended": id(f) in picked,
         })
     return rows
@@ -367,6 +364,11 @@ def _smoke_rows(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
             "speedup": mtp / plain if plain and mtp is not None else None,
         })
     return rows
+
+
+def _smoke_setting(smoke_config: Mapping[str, Any], rows: list[dict[str, Any]], key: str) -> Any:
+    """A smoke setting from the release config, else from the first smoke record that has it."""
+    return smoke_config.get(key) or next((row[key] for row in rows if row[key]), None)
 
 
 def _speed_verdict(smoke: list[dict[str, Any]], arch: Mapping[str, Any]) -> dict[str, Any]:
@@ -554,8 +556,9 @@ def _filters(words: Mapping[str, str]) -> dict[str, Callable[..., Safe]]:
     def code(value: Any, missing: str = "not_recorded") -> Safe:
         return Safe(words[missing]) if value is None or value == "" else code_span(value)
 
-    def codes(values: Iterable[Any]) -> Safe:
-        return Safe(", ".join(code_span(v) for v in values))
+    def codes(values: Iterable[Any], separator: str = ", ", missing: str = "none") -> Safe:
+        spans = [code_span(v) for v in values]
+        return Safe(escape_markdown(separator).join(spans) if spans else words[missing])
 
     def short_sha(value: Any) -> Safe:
         return code(value if value is None else str(value)[:SHORT_SHA])

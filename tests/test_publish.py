@@ -1,0 +1,104 @@
+"""publish: one commit or nothing, only what changed, and a plan that says so."""
+
+import pytest
+from huggingface_hub import HfApi
+
+from mtpress.errors import PublishError
+from mtpress.hub.client import hub_api
+from mtpress.schema import Target
+from mtpress.stages.publish import plan_publish, publish
+
+TARGET = Target(repo="mtpress-demo/Release-GGUF")
+
+
+@pytest.fixture
+def release(tmp_path):
+    root = tmp_path / "release"
+    (root / "embedded").mkdir(parents=True)
+    (root / "Model-Q4_K_M.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 8192)  # 2 MiB: binary, goes LFS
+    (root / "embedded" / "Model-Q4_K_M.gguf").write_bytes(b"GGUF" + bytes(255 - i for i in range(256)) * 4096)
+    (root / "README.md").write_text("---\nlicense: apache-2.0\n---\n# Model\n", encoding="utf-8")
+    (root / "manifest.json").write_text("{}\n")
+    (root / ".work").mkdir()
+    (root / ".work" / "scratch").write_text("never published")
+    return root
+
+
+def commits(api: HfApi) -> list[str]:
+    return [c.commit_id for c in api.list_repo_commits(TARGET.repo)]
+
+
+def test_first_publish_is_one_commit_with_every_file(local_hub, release):
+    api = hub_api()
+    result = publish(release, TARGET, api, message="release")
+    assert result.committed and len(result.commit) == 40
+    files = set(api.list_repo_files(TARGET.repo))
+    assert files == {".gitattributes", "Model-Q4_K_M.gguf", "embedded/Model-Q4_K_M.gguf", "README.md",
+                     "manifest.json"}
+    assert len(commits(api)) == 2  # the repo's initial commit + the release
+    sha = {s.rfilename: s.lfs.sha256 for s in api.model_info(TARGET.repo, files_metadata=True).siblings if s.lfs}
+    assert set(sha) == {"Model-Q4_K_M.gguf", "embedded/Model-Q4_K_M.gguf"}
+
+
+def test_republishing_unchanged_files_makes_no_commit(local_hub, release):
+    api = hub_api()
+    first = publish(release, TARGET, api, message="release")
+    again = publish(release, TARGET, api, message="release")
+    assert not again.committed and again.commit == first.commit and again.bytes_uploaded == 0
+    assert {f.status for f in again.plan.files} == {"unchanged"}
+
+
+def test_a_card_change_commits_only_the_card(local_hub, release):
+    api = hub_api()
+    publish(release, TARGET, api, message="release")
+    (release / "README.md").write_text("---\nlicense: apache-2.0\n---\n# Model, reworded\n", encoding="utf-8")
+    result = publish(release, TARGET, api, message="card")
+    assert result.committed
+    assert [(f.path, f.status) for f in result.plan.changes] == [("README.md", "changed")]
+    assert result.bytes_uploaded < 1024
+
+
+def test_files_dropped_from_the_release_are_deleted_in_the_same_commit(local_hub, release):
+    api = hub_api()
+    publish(release, TARGET, api, message="release")
+    (release / "embedded" / "Model-Q4_K_M.gguf").unlink()
+    result = publish(release, TARGET, api, message="drop embedded")
+    assert [(f.path, f.status) for f in result.plan.changes] == [("embedded/Model-Q4_K_M.gguf", "deleted")]
+    assert "embedded/Model-Q4_K_M.gguf" not in api.list_repo_files(TARGET.repo)
+
+
+def test_dry_run_plans_and_commits_nothing(local_hub, release):
+    api = hub_api()
+    result = publish(release, TARGET, api, message="release", dry_run=True)
+    assert not result.committed
+    assert {f.status for f in result.plan.files} == {"new"}
+    assert "new" in result.plan.describe() and "Model-Q4_K_M.gguf" in result.plan.describe()
+    assert not api.repo_exists(TARGET.repo)
+
+
+def test_a_failure_mid_commit_leaves_the_repo_unchanged(local_hub, release):
+    api = hub_api()
+    publish(release, TARGET, api, message="release")
+    before = commits(api)
+    (release / "Model-Q4_K_M.gguf").write_bytes(b"GGUF changed" * 1000)
+    (release / "README.md").write_text("# changed\n", encoding="utf-8")
+    local_hub.faults.add("POST", r".*/commit/.*", action="abort_commit")
+    with pytest.raises(PublishError, match="nothing was committed"):
+        publish(release, TARGET, api, message="broken")
+    assert commits(api) == before
+    card = api.hf_hub_download(TARGET.repo, "README.md", cache_dir=str(release.parent / "c"))
+    assert open(card, encoding="utf-8").read().startswith("---\nlicense"), "the old card is still published"
+    retry = publish(release, TARGET, api, message="retry")
+    assert retry.committed and len(commits(api)) == len(before) + 1
+
+
+def test_publishing_without_a_token_is_refused_before_any_request(local_hub, release, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(PublishError, match="set HF_TOKEN"):
+        publish(release, TARGET, hub_api(), message="release")
+    assert not hub_api().repo_exists(TARGET.repo)
+
+
+def test_plan_skips_hidden_work_files(local_hub, release):
+    plan = plan_publish(release, TARGET, hub_api())
+    assert all(not f.path.startswith(".") for f in plan.files) and len(plan.files) == 4
