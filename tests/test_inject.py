@@ -157,3 +157,17 @@ def test_a_failed_inject_leaves_no_output(finetune, donor, tmp_path, monkeypatch
         inject(finetune, donor, ARCH, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_finetune_from_a_hub_cache_snapshot_of_relative_symlinks(finetune, donor, tmp_path):
+    """snapshot_download leaves snapshots/<rev>/file -> ../../blobs/<id>: the output must not dangle."""
+    blobs, snapshot = tmp_path / "cache" / "blobs", tmp_path / "cache" / "snapshots" / "abc"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, entry in enumerate(sorted(finetune.path.iterdir())):
+        entry.rename(blobs / str(i))
+        (snapshot / entry.name).symlink_to(Path("../../blobs") / str(i))
+    result = inject(ModelDir(snapshot, "cached"), donor, ARCH, tmp_path / "out")
+    out = result.model.path
+    assert all(p.is_file() and not p.is_symlink() for p in out.iterdir())
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == SMALL["hidden_size"]

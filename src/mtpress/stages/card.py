@@ -56,6 +56,8 @@ FILE_KINDS = {("embedded", "model"): "embedded", ("sidecar", "model"): "trunk", 
 # else is published as `license: other` and shown verbatim, as text, in the card body.
 LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]{0,63}$")
 FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
+# A family name that can be a Hub tag as it is ("Qwen3.5" → "qwen3.5"); anything else is not tagged.
+FAMILY_TAG = re.compile(r"^[a-z0-9][a-z0-9.-]{0,31}$")
 
 
 class CardError(MtpressError, ValueError):
@@ -130,9 +132,9 @@ def front_matter(manifest: Mapping[str, Any]) -> dict[str, Any]:
     matter["language"] = ["en", "zh"]
     matter["library_name"] = "gguf"
     matter["pipeline_tag"] = "text-generation"
-    family = str((manifest.get("architecture") or {}).get("family") or "")
-    family_tag = re.sub(r"[^a-z0-9.-]+", "-", family.lower()).strip("-")  # "Qwen3.5" → "qwen3.5"
-    matter["tags"] = list(dict.fromkeys(["gguf", "mtp", "speculative-decoding", *([family_tag] if family_tag else [])]))
+    family = (manifest.get("architecture") or {}).get("family")
+    family_tag = [family.lower()] if isinstance(family, str) and FAMILY_TAG.fullmatch(family.lower()) else []
+    matter["tags"] = list(dict.fromkeys(["gguf", "mtp", "speculative-decoding", *family_tag]))
     return matter
 
 
@@ -358,7 +360,7 @@ def _smoke_rows(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
         plain, mtp = _numeric(s.get("tokens_per_second_plain")), _numeric(s.get("tokens_per_second_mtp"))
         rows.append({
             "file": "/".join(str(part) for part in (s.get("layout"), s.get("model")) if part),
-            "head": s.get("head"), "quant": s.get("quant"), "identical": s.get("tokens_identical"),
+            "head": s.get("head"), "identical": s.get("tokens_identical"),
             "n_predict": s.get("n_predict"), "draft_n_max": s.get("draft_n_max"), "drafted": s.get("drafted"),
             "accepted": s.get("accepted"), "acceptance": s.get("acceptance"), "tps_plain": plain, "tps_mtp": mtp,
             "speedup": mtp / plain if plain and mtp is not None else None,
@@ -394,6 +396,7 @@ class Table:
 
     columns: tuple[str, ...]
     rows: tuple[tuple[Any, ...], ...]
+    keyed: bool  # key/value rows: the first cell of each row is a (flattened) key
 
 
 def as_table(value: Any) -> Table | None:
@@ -403,10 +406,10 @@ def as_table(value: Any) -> Table | None:
     if isinstance(value, list) and all(isinstance(item, Mapping) for item in value):
         records = [dict(_flatten(item)) for item in value]
         columns = tuple(dict.fromkeys(key for record in records for key in record))
-        return Table(columns, tuple(tuple(record.get(c) for c in columns) for record in records))
+        return Table(columns, tuple(tuple(record.get(c) for c in columns) for record in records), keyed=False)
     if isinstance(value, Mapping):
-        return Table(("key", "value"), tuple(_flatten(value)))
-    return Table(("value",), ((value,),))
+        return Table(("key", "value"), tuple(_flatten(value)), keyed=True)
+    return Table(("value",), ((value,),), keyed=False)
 
 
 def _flatten(value: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -447,7 +450,11 @@ def escape_markdown(value: Any) -> Safe:
 
 
 def code_span(value: Any) -> Safe:
-    """Inline code safe in a table cell: a backtick fence longer than any run inside, pipes escaped."""
+    """Inline code safe in a table cell: a backtick fence longer than any run inside, pipes escaped.
+
+    Outside a table an escaped pipe shows as ``\\|``; no legal file or repo name has a pipe, so only
+    hostile text pays that price, and it stays inert.
+    """
     text = _LINE_BREAKS.sub(" ", str(value))
     fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
     padding = " " if text.startswith("`") or text.endswith("`") else ""
@@ -579,10 +586,13 @@ def _filters(words: Mapping[str, str]) -> dict[str, Callable[..., Safe]]:
         return number_filter(_plain_number)(value)
 
     def table(value: Table, headers: Mapping[str, str]) -> Safe:
-        """A Markdown table of a measurement; ``headers`` names the known columns in this language."""
-        head = [escape_markdown(headers.get(column, column)) for column in value.columns]
+        """A Markdown table of a measurement; ``headers`` names the generic columns in this language,
+        the manifest's own keys are shown as code."""
+        head = [escape_markdown(headers[c]) if c in headers else code_span(c) for c in value.columns]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in value.rows]
+        for row in value.rows:
+            cells = [code_span(row[0]), *map(cell, row[1:])] if value.keyed else [cell(v) for v in row]
+            lines.append("| " + " | ".join(cells) + " |")
         return Safe("\n".join(lines))
 
     return {name: number_filter(fmt) for name, fmt in NUMBER_FORMATS.items()} | {

@@ -134,6 +134,8 @@ def _cast(data: bytes, source: str, target: str, shape: tuple[int, ...]) -> byte
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
+    # Hub caches hold relative symlinks into blobs/: link the blob itself, or the link would dangle.
+    src = src.resolve()
     try:
         os.link(src, dst)
     except OSError:

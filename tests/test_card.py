@@ -1,0 +1,417 @@
+"""The model card: every number traceable to the manifest, hostile text inert, both languages intact."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard, ModelCardData
+
+from mtpress.manifest import write_manifest
+from mtpress.stages.card import (
+    CardError,
+    check_no_mojibake,
+    code_span,
+    escape_markdown,
+    fenced,
+    recommended_model,
+    render_card,
+    render_card_from_release,
+    write_card,
+)
+
+SAMPLE = Path(__file__).parent / "data" / "manifest-sample.json"
+HOSTILE_NAME = "{{ 7*7 }}<script>alert(1)</script>|x"
+HOSTILE_LICENSE = "apache-2.0\n---\nbase_model: evil/repo\nx: {{ 7*7 }}"
+
+# Damaged strings copied literally from the seed cards as published (shared/seeds/001 and 002):
+# UTF-8 read as cp874 (Thai) and as cp1253 (Greek).
+SEED_MOJIBAKE = [
+    "English | ๐Ÿ“– ไธญๆ–‡ๆ–‡ๆกฃ",  # 001: "📖 中文文档"
+    "Total: 4035/5000 (80.7%) โ€” MTP Speculative",  # 001: "—"
+    "Agent-Optimized ยท 1.7-4.1ร— Speedup",  # 001: "·", "×"
+    "0.65min 15โœ… 0โš\xa0๏ธ",  # 001: "✅", "⚠️"
+    "MTP Speculative Decoding Β· Agent-Optimized Β· 1.5–4.1Γ— Speedup",  # 002: "·", "×"
+    "πŸ“– δΈζ–‡ζ–‡ζ‘£",  # 002: "📖 中文文档"
+    "Q6_Kβœ… Recommended, best value",  # 002: "✅"
+    "stripped during QwenPaw fine-tuning β€” only the config",  # 002: "—"
+]
+# The classic cp1252/latin-1 forms the issue names.
+CP1252_MOJIBAKE = ["cafÃ©", "donâ€™t", "ðŸš€ launch", "Î²-test", "â€œquotedâ€\x9d"]
+CLEAN_TEXT = ["中文文档：未测量", "café in São Paulo", "1.5–4.1× speedup — honest", "✅ 📖 🚀 ⚠️", "β-test «αβγ»",
+              "всё хорошо", "naïve Ünïcödé"]
+
+
+@pytest.fixture
+def manifest() -> dict:
+    return json.loads(SAMPLE.read_text(encoding="utf-8"))
+
+
+def split_fences(text: str) -> tuple[str, list[str]]:
+    """(prose, code blocks), parsing fences as CommonMark does; fails if a block is left open."""
+    prose, blocks, fence, block = [], [], None, []
+    for line in text.split("\n"):
+        if fence is None:
+            opening = re.match(r"^ {0,3}(`{3,})", line)
+            if opening:
+                fence, block = opening.group(1), []
+            else:
+                prose.append(line)
+        elif re.match(rf"^ {{0,3}}{fence}`*\s*$", line):
+            blocks.append("\n".join(block))
+            fence = None
+        else:
+            block.append(line)
+    assert fence is None, "a fenced code block is never closed"
+    return "\n".join(prose), blocks
+
+
+def file_row(text: str, path: str) -> str:
+    """The files-table row of ``path`` (that table opens each row with the recommendation mark)."""
+    return one_line(text, rf"^\| (?:✅)? \| `{re.escape(path)}` \|")
+
+
+def smoke_row(text: str, path: str) -> str:
+    """The smoke-table row of ``path`` (that table opens each row with the file)."""
+    return one_line(text, rf"^\| `{re.escape(path)}`")
+
+
+def one_line(text: str, pattern: str) -> str:
+    matches = re.findall(rf"{pattern}.*$", text, flags=re.M)
+    assert len(matches) == 1, f"expected one line matching {pattern}, found {matches}"
+    return matches[0]
+
+
+def outside_code(text: str) -> str:
+    """The text a Markdown renderer parses as Markdown/HTML: no fenced blocks, no code spans."""
+    prose, _ = split_fences(text)
+    return re.sub(r"(`+)(?!`).*?(?<!`)\1(?!`)", "", prose)
+
+
+def assert_tables_intact(prose: str) -> None:
+    """Every row of every table has as many unescaped pipes as its header."""
+    table: list[str] = []
+    for line in [*prose.splitlines(), ""]:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        if table:
+            widths = {len(re.findall(r"(?<!\\)\|", r)) for r in table}
+            assert len(widths) == 1, "a table's rows have different numbers of cells:\n" + "\n".join(table)
+        table = []
+
+
+# STRUCTURE AND PLACEHOLDERS
+
+
+def test_two_files_link_each_other_and_only_readme_carries_front_matter(manifest):
+    card = render_card(manifest)
+    assert set(card.files) == {"README.md", "README_zh.md"}
+    assert "**English** | [中文](README_zh.md)" in card.files["README.md"]
+    assert "[English](README.md) | **中文**" in card.files["README_zh.md"]
+    assert card.files["README.md"].startswith("---\n")
+    assert not card.files["README_zh.md"].startswith("---")
+    # The two languages mirror each other section for section.
+    headings = {name: re.findall(r"^#{1,3} ", text, flags=re.M) for name, text in card.files.items()}
+    assert headings["README.md"] == headings["README_zh.md"]
+
+
+def passthrough_without_measurements(manifest: dict) -> dict:
+    bare = copy.deepcopy(manifest)
+    del bare["smoke"]
+    bare["inject"] = {"action": "passthrough", "reason": "already has its own head", "head": None,
+                      "bytes_written": 0}
+    bare["inputs"]["donor"] = None
+    bare["config"]["donor"] = None
+    return bare
+
+
+@pytest.mark.parametrize("variant", ["sample", "passthrough without measurements"])
+def test_no_placeholder_or_raw_value_is_left(manifest, variant):
+    if variant != "sample":
+        manifest = passthrough_without_measurements(manifest)
+    for name, text in render_card(manifest).files.items():
+        for leftover in ("{{", "{%", "{#", "TODO", "Undefined"):
+            assert leftover not in text, f"{name}: {leftover!r}"
+        assert not re.search(r"\bNone\b", text), name
+        assert not re.search(r"\bnan\b|\binf\b", text, flags=re.I), name
+
+
+# NUMBERS ARE THE MANIFEST'S
+
+
+def test_every_file_row_is_computed_from_the_manifest(manifest):
+    card = render_card(manifest)
+    arch = manifest["architecture"]
+    whole, trunk = arch["parameters_total"], arch["parameters_total"] - arch["parameters_head"]
+    sizes = {285_000_000: "285 MB", 105_000_000: "105 MB", 104_000_000: "104 MB", 60_000_000: "60 MB"}
+    for text in card.files.values():
+        for f in manifest["files"]:
+            cells = file_row(text, f["path"])
+            assert f"| {sizes[f['size']]} |" in cells
+            assert f"`{f['sha256'][:12]}`" in cells
+            assert f"`{f['quant']}`" in cells
+            if f["role"] == "model":
+                parameters = whole if f["layout"] == "embedded" else trunk
+                assert f"| {f['size'] * 8 / parameters:.2f} |" in cells
+        assert all(f["sha256"] in text for f in manifest["files"])  # full hashes, in the details block
+    head_file = "sidecar/mtp-Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf"
+    assert "| head + shared embeddings |" in file_row(card.files["README.md"], head_file)
+    assert "| 头 + 共享词嵌入 |" in file_row(card.files["README_zh.md"], head_file)
+
+
+def test_changing_the_manifest_changes_the_card(manifest):
+    before = render_card(manifest)
+    changed = copy.deepcopy(manifest)
+    changed["smoke"][0]["accepted"] = 31
+    changed["files"][2]["size"] = 123_456_789
+    after = render_card(changed)
+    trunk = manifest["architecture"]["parameters_total"] - manifest["architecture"]["parameters_head"]
+    for name in ("README.md", "README_zh.md"):
+        assert "| 26 |" in smoke_row(before.files[name], "embedded/Tiny-Qwen3.5-Demo-FT-MTP-BF16.gguf")
+        smoke_after = smoke_row(after.files[name], "embedded/Tiny-Qwen3.5-Demo-FT-MTP-BF16.gguf")
+        assert "| 31 |" in smoke_after and "| 26 |" not in smoke_after
+        trunk_row = file_row(after.files[name], "sidecar/Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf")
+        assert "| 123 MB |" in trunk_row and f"| {123_456_789 * 8 / trunk:.2f} |" in trunk_row
+        assert "104 MB" not in after.files[name]
+
+
+def test_architecture_table_and_head_share_are_computed(manifest):
+    text = render_card(manifest).files["README.md"]
+    assert "| Parameters | 136,881,920 (136.9M) |" in text
+    assert f"| … of which the MTP head | 1,180,928 ({100 * 1_180_928 / 136_881_920:.2f}%) |" in text
+    assert "in the pattern `LLLF` × 2" in text
+    assert "| Attention heads / KV heads / head dim | 2 / 1 / 128 |" in text
+    manifest["architecture"]["parameters_head"] = 2_000_000
+    manifest["architecture"]["layer_pattern"] = "LLLLLLLF"
+    text = render_card(manifest).files["README.md"]
+    assert f"| … of which the MTP head | 2,000,000 ({100 * 2_000_000 / 136_881_920:.2f}%) |" in text
+    assert "in the pattern `LLLLLLLF` (L = linear" in text
+
+
+def test_what_was_done_names_donor_revision_and_tensors(manifest):
+    text = render_card(manifest).files["README.md"]
+    head = manifest["inject"]["head"]
+    assert f"at revision `{head['donor_revision']}`: {len(head['tensors'])} tensors, 1,180,928 parameters" in text
+    _, blocks = split_fences(text)
+    assert "\n".join(head["tensors"]) in blocks
+
+
+# MISSING MEASUREMENTS
+
+
+def test_missing_measurements_say_not_measured(manifest):
+    card = render_card(passthrough_without_measurements(manifest))
+    english, chinese = card.files["README.md"], card.files["README_zh.md"]
+    assert "**Smoke test:** not measured." in english
+    assert "**Speed benchmark:** not measured." in english
+    assert "**冒烟测试：**未测量。" in chinese
+    assert "**速度基准测试：**未测量。" in chinese
+    assert "The MTP head is the fine-tune's own head (1,180,928 parameters" in english
+    assert "MTP 头是微调模型自带的" in chinese
+    assert "MTP head donor" not in english and "slower than plain decoding" not in english
+
+
+def test_speed_notes_follow_the_measured_figures(manifest):
+    english = render_card(manifest).files["README.md"]
+    assert "draft-mtp was slower than plain decoding for 2 of 2 files" in english
+    assert "These figures come from a CPU without a GPU" in english
+    assert "These are speeds of a small model (136.9M parameters)" in english
+
+    for s in manifest["smoke"]:
+        s["tokens_per_second_plain"], s["tokens_per_second_mtp"] = s["tokens_per_second_mtp"], s[
+            "tokens_per_second_plain"]
+    english = render_card(manifest).files["README.md"]
+    assert "draft-mtp was faster than plain decoding for all 2 files" in english
+    assert "slower" not in english and "CPU without a GPU" not in english
+
+
+def test_measurements_of_later_stages_are_shown_with_the_hardware(manifest):
+    manifest["bench"] = [{"file": "sidecar/Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf", "tokens_per_second_plain": 12.5,
+                          "tokens_per_second_mtp": 15.25, "draft_n_max": 3}]
+    manifest["gate"] = {"greedy_identical": True, "min_acceptance": 0.5}
+    card = render_card(manifest)
+    english = card.files["README.md"]
+    assert "| `file` | `tokens_per_second_plain` | `tokens_per_second_mtp` | `draft_n_max` |" in english
+    assert "| sidecar/Tiny-Qwen3.5-Demo-FT-MTP-Q4\\_K\\_M.gguf | 12.5 | 15.25 | 3 |" in english
+    assert "| `greedy_identical` | ✅ yes |" in english and "| `min_acceptance` | 0.5 |" in english
+    assert "Measured on AMD EPYC 7B13 (2 cores), no GPU, Linux 6.1.0, with llama.cpp build 11434." in english
+    assert "**Quality against the unquantized model:** not measured." in english
+    assert "| 检查项 | 结果 |" in card.files["README_zh.md"]
+    assert "| `greedy_identical` | ✅ 是 |" in card.files["README_zh.md"]
+
+
+# USAGE AND RECOMMENDATION
+
+
+def test_usage_commands_come_from_the_files_and_the_smoke_settings(manifest):
+    english = render_card(manifest).files["README.md"]
+    _, blocks = split_fences(english)
+    commands = "\n".join(blocks)
+    repo = manifest["config"]["target"]["repo"]
+    assert f"llama-server -hf {repo}:Q4_K_M --spec-type draft-mtp --spec-draft-n-max 2" in commands
+    assert f"llama-cli -hf {repo}:Q4_K_M\n" in commands
+    assert ("llama-server -m sidecar/Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf "
+            "-md sidecar/mtp-Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf --spec-type draft-mtp") in commands
+    assert "Ollama (checked with 0.24) and LM Studio fail" in english
+
+    manifest["config"]["smoke"]["draft_n_max"] = 3
+    manifest["files"] = [f for f in manifest["files"] if f["layout"] == "embedded"]
+    english = render_card(manifest).files["README.md"]
+    assert "--spec-draft-n-max 3" in english and "--spec-draft-n-max 2" not in english
+    assert "-md " not in english
+    assert "Every file in this release has its MTP layer embedded, so these apps cannot load them" in english
+
+
+def test_recommendation_rule_prefers_q4_k_m_then_sidecar():
+    def file(layout, role, quant):
+        return {"path": f"{layout}/x-{quant}.gguf", "layout": layout, "role": role, "quant": quant}
+
+    everything = [file(layout, role, quant) for layout in ("embedded", "sidecar") for quant in ("Q8_0", "Q4_K_M")
+                  for role in ("model", "head") if not (layout == "embedded" and role == "head")]
+    assert recommended_model(everything) == file("sidecar", "model", "Q4_K_M")
+    embedded_only = [f for f in everything if f["layout"] == "embedded"]
+    assert recommended_model(embedded_only) == file("embedded", "model", "Q4_K_M")
+    no_q4 = [f for f in everything if f["quant"] != "Q4_K_M"]
+    assert recommended_model(no_q4) == file("sidecar", "model", "Q8_0")
+    assert recommended_model([file("sidecar", "model", "Q2_K"), file("embedded", "model", "BF16")]) is None
+
+
+def test_the_recommended_pair_is_marked(manifest):
+    english = render_card(manifest).files["README.md"]
+    marked = [line for line in english.splitlines() if line.startswith("| ✅ |")]
+    assert len(marked) == 2
+    assert "`sidecar/Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf`" in marked[0]
+    assert "`sidecar/mtp-Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf`" in marked[1]
+
+
+# UNTRUSTED TEXT
+
+
+def hostile(manifest: dict) -> dict:
+    evil = copy.deepcopy(manifest)
+    evil["release"] = HOSTILE_NAME
+    evil["architecture"]["family"] = HOSTILE_NAME
+    evil["inputs"]["finetune"]["license"] = HOSTILE_LICENSE
+    evil["inputs"]["donor"]["license"] = "<img src=x onerror=alert(2)>"
+    evil["config"]["smoke"]["prompt"] = HOSTILE_NAME + "\n```\n<b>out of the fence</b>"
+    evil["files"][0]["path"] = f"embedded/{HOSTILE_NAME}.gguf"
+    evil["smoke"][0]["model"] = f"{HOSTILE_NAME}.gguf"
+    return evil
+
+
+def test_hostile_upstream_text_is_shown_as_text_never_evaluated(manifest):
+    card = render_card(hostile(manifest))
+    for name, text in card.files.items():
+        prose, blocks = split_fences(text)  # also proves no value closed a code fence
+        markdown = outside_code(text)
+        assert "<script" not in markdown and "<img" not in markdown and "<b>" not in markdown, name
+        assert "{{" not in markdown, name
+        assert r"\{\{ 7\*7 \}\}&lt;script&gt;alert(1)&lt;/script&gt;\|x" in prose, name  # shown, escaped
+        assert_tables_intact(prose)
+        rerun = shlex.join(["mtpress", "publish", f"model_configs/{HOSTILE_NAME}.yaml"])
+        assert any(rerun in block for block in blocks), name  # one inert shell word
+    assert card.files["README.md"].count("base_model:") == 1
+
+
+def test_hostile_license_cannot_rewrite_the_front_matter(manifest):
+    card = render_card(hostile(manifest))
+    assert card.front_matter["license"] == "other"
+    assert card.front_matter["base_model"] == manifest["config"]["finetune"]["repo"]
+    assert ModelCard(card.files["README.md"]).data.to_dict() == card.front_matter
+    assert "This is not a Hub license identifier, so the metadata says `other`." in card.files["README.md"]
+    assert r"apache-2.0 --- base\_model: evil/repo x: \{\{ 7\*7 \}\}" in card.files["README.md"]
+
+
+def test_escaping_helpers():
+    assert escape_markdown("a|b<c>`d`\n*e* [f](g)") == r"a\|b&lt;c&gt;\`d\` \*e\* \[f\](g)"
+    assert code_span("a`b|c") == r"``a`b\|c``"
+    assert fenced("x\n````\ny").startswith("`````\n")
+
+
+# FRONT MATTER
+
+
+def test_front_matter_round_trips_through_model_card(manifest):
+    card = render_card(manifest)
+    assert card.front_matter == {
+        "base_model": "mtpress-demo/Tiny-Qwen3.5-Demo-FT", "base_model_relation": "quantized",
+        "license": "apache-2.0", "language": ["en", "zh"], "library_name": "gguf",
+        "pipeline_tag": "text-generation", "tags": ["gguf", "mtp", "speculative-decoding", "qwen3.5"],
+    }
+    parsed = ModelCard(card.files["README.md"])
+    assert parsed.data.to_dict() == card.front_matter
+    assert parsed.data.base_model_relation == "quantized"  # an extra kwarg of ModelCardData
+    assert ModelCardData(**card.front_matter).to_dict() == card.front_matter
+
+
+def test_license_comes_from_the_config_else_upstream_else_is_not_recorded(manifest):
+    manifest["config"]["target"]["license"] = "mit"
+    card = render_card(manifest)
+    assert card.front_matter["license"] == "mit"
+    assert "License: mit, as set in the release config." in card.files["README.md"]
+
+    manifest["config"]["target"]["license"] = None
+    manifest["inputs"]["finetune"]["license"] = None
+    card = render_card(manifest)
+    assert "license" not in card.front_matter
+    assert "License: not recorded." in card.files["README.md"]
+    assert "许可证：未记录。" in card.files["README_zh.md"]
+
+
+# ENCODING
+
+
+@pytest.mark.parametrize("damaged", SEED_MOJIBAKE + CP1252_MOJIBAKE)
+def test_mojibake_is_detected(damaged):
+    with pytest.raises(CardError, match="encoding damage"):
+        check_no_mojibake(damaged)
+
+
+@pytest.mark.parametrize("clean", CLEAN_TEXT)
+def test_real_text_is_not_mojibake(clean):
+    check_no_mojibake(clean)
+
+
+def test_render_refuses_a_manifest_with_mojibake(manifest):
+    manifest["architecture"]["family"] = "Qwen3.5 β€” MTP"
+    with pytest.raises(CardError, match=r"README\.md: encoding damage \(UTF-8 read as cp1253\)"):
+        render_card(manifest)
+
+
+def test_chinese_card_is_written_as_utf8_and_reads_back_intact(manifest, tmp_path):
+    write_manifest(tmp_path, manifest)
+    card = render_card_from_release(tmp_path)
+    assert card == render_card(manifest)
+    written = write_card(tmp_path, card)
+    assert sorted(p.name for p in written) == ["README.md", "README_zh.md"]
+    raw = (tmp_path / "README_zh.md").read_bytes()
+    assert raw.decode("utf-8") == card.files["README_zh.md"]
+    for phrase in ("## 做了什么", "## 测试结果", "推荐的默认选择", "未测量", "沿用微调模型的模型卡中声明的许可证"):
+        assert phrase.encode("utf-8") in raw
+    check_no_mojibake(raw.decode("utf-8"))
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_release_without_manifest_is_an_error(tmp_path):
+    with pytest.raises(CardError, match="no manifest.json"):
+        render_card_from_release(tmp_path)
+
+
+# TEMPLATES FAIL LOUDLY
+
+
+@pytest.mark.parametrize("template, problem", [
+    ("{{ card.no_such_fact }}", "no_such_fact"),  # StrictUndefined: a missing fact is an error
+    ("{{ card.smoke[0].acceptance }}", "printed 0.65 as is"),  # a number must be formatted explicitly
+    ("{{ card.license_id.__class__.__mro__ }}", "unsafe"),  # the sandbox
+])
+def test_templates_fail_loudly(manifest, tmp_path, template, problem):
+    for name in ("README.md.j2", "README_zh.md.j2"):
+        (tmp_path / name).write_text(template, encoding="utf-8")
+    with pytest.raises(CardError, match=re.escape(problem)):
+        render_card(manifest, templates_dir=tmp_path)
