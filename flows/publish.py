@@ -22,9 +22,10 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from flows.cache import StageCache, cache_key
 from mtpress.archs import get_arch
 from mtpress.checkpoint import ModelDir
-from mtpress.fsutil import sha256_file
+from mtpress.fsutil import dir_digest, sha256_file
 from mtpress.hub.client import hub_api
 from mtpress.manifest import hardware, jsonable, read_manifest, write_manifest
 from mtpress.schema import ReleaseConfig, Source, load_release_config
@@ -86,6 +87,8 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
         injected = inject_task(finetune, donor, arch, work / "injected")
     log.info("inject: %s", injected.reason)
 
+    cache = StageCache(release_dir)
+    model_digest = dir_digest(injected.model.path)
     steps = len(cfg.layouts) * (1 + len(cfg.quants)) * 2
     progress = create_progress_artifact(0.0, key=_key(cfg.name, "progress"), description="release build progress")
     done = 0
@@ -101,20 +104,23 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
         with watch.time("convert"):
             # The first layout sits at the repo root, where `-hf user/repo:QUANT` looks; others in a subfolder.
             out_dir = release_dir if layout == cfg.layouts[0] else release_dir / layout
-            bf16 = convert_task(injected.model, arch, layout, name=cfg.name, tools=tools, out_dir=out_dir)
+            bf16 = cache.run("convert", cache_key(model_digest, layout, cfg.name, tools.version), convert_task,
+                             injected.model, arch, layout, name=cfg.name, tools=tools, out_dir=out_dir)
         files += bf16
         advance(f"convert {layout}: {', '.join(f.name for f in bf16)}")
         for quant in cfg.quants:
             with watch.time("quantize"):
-                quantized = [quantize_task(f, quant, arch, injected.model.config, name=cfg.name, tools=tools,
-                                           head_type=cfg.head_type) for f in bf16]
+                quantized = [cache.run("quantize", cache_key(f.sha256, quant, cfg.head_type, cfg.name, tools.version),
+                                       quantize_task, f, quant, arch, injected.model.config, name=cfg.name,
+                                       tools=tools, head_type=cfg.head_type) for f in bf16]
             files += quantized
             advance(f"quantize {layout} {quant}")
 
     smoke_results = []
     for model, head in pair_models_with_heads(files):
         with watch.time("smoke"):
-            smoke_results.append(smoke_task(model, head, cfg.smoke, tools))
+            key = cache_key(model.sha256, head.sha256 if head else None, cfg.smoke.model_dump(), tools.version)
+            smoke_results.append(cache.run("smoke", key, smoke_task, model, head, cfg.smoke, tools))
         advance(f"smoke {model.layout}/{model.name}: identical tokens, drafted {smoke_results[-1].drafted}")
     update_progress_artifact(progress, 100.0)
 
@@ -131,6 +137,7 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
         "files": [{"path": f.path.relative_to(release_dir).as_posix(), **jsonable(f)} for f in files],
         "smoke": smoke_results,
         "stage_seconds": watch.seconds,
+        "cache_hits": cache.hits,
     })
     create_table_artifact(key=_key(cfg.name, "files"), description="release files",
                           table=[{"file": f.path.relative_to(release_dir).as_posix(), "role": f.role, "quant": f.quant,

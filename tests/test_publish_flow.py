@@ -77,3 +77,57 @@ def test_manifest_records_inputs_toolchain_and_head_provenance(release):
     assert head["parameters"] == manifest["architecture"]["parameters_head"]
     for record in manifest["files"]:
         assert (release["dir"] / record["path"]).stat().st_size == record["size"]
+
+
+def test_the_release_is_published_as_one_commit_with_every_file(release):
+    api, manifest = release["api"], release["manifest"]
+    repo = manifest["config"]["target"]["repo"]
+    remote = {s.rfilename: s for s in api.model_info(repo, files_metadata=True).siblings}
+    for record in manifest["files"]:
+        assert remote[record["path"]].lfs.sha256 == record["sha256"]
+    assert {"README.md", "README_zh.md", "manifest.json"} <= set(remote)
+    assert len(api.list_repo_commits(repo)) == 2  # the repo's creation + the release
+
+
+def test_republishing_makes_no_commit_and_a_template_change_touches_only_the_card(release, tmp_path):
+    import shutil
+
+    from mtpress.schema import Target
+    from mtpress.stages.card import render_card, write_card
+    from mtpress.stages.publish import publish
+
+    api, manifest = release["api"], release["manifest"]
+    target = Target(**manifest["config"]["target"])
+    again = publish(release["dir"], target, api, message="again")
+    assert not again.committed and not again.plan.changes
+
+    templates = tmp_path / "templates"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "templates" / "card", templates)
+    english = templates / "README.md.j2"
+    english.write_text(english.read_text(encoding="utf-8") + "\nReworded footer.\n", encoding="utf-8")
+    write_card(release["dir"], render_card(manifest, templates_dir=templates))
+    result = publish(release["dir"], target, api, message="card only")
+    assert result.committed
+    assert [f.path for f in result.plan.changes] == ["README.md"]
+    assert result.bytes_uploaded < 1_000_000
+
+
+def test_llama_cpp_hf_downloader_fetches_the_published_pair_and_drafts(release, toolchain, tmp_path):
+    """`llama-server -hf repo:Q4_K_M --spec-type draft-mtp` against the local endpoint picks the trunk and the
+    head named for it, and reproduces the smoke run's greedy tokens."""
+    from mtpress.stages.smoke import greedy_request
+    from mtpress.toolchain.server import llama_server
+
+    manifest = release["manifest"]
+    repo = manifest["config"]["target"]["repo"]
+    smoke = next(s for s in manifest["smoke"] if s["layout"] == "sidecar" and s["quant"] == "Q4_K_M")
+    env = {"MODEL_ENDPOINT": release["hub"].url + "/", "LLAMA_CACHE": str(tmp_path / "llama-cache")}
+    args = ["-hf", f"{repo}:Q4_K_M", "--spec-type", "draft-mtp", "--spec-draft-n-max", "2", "-c", "2048"]
+    with llama_server(toolchain, args, timeout=300, env=env) as server:
+        body = server.completion(greedy_request(manifest["config"]["smoke"]["prompt"], smoke["n_predict"]),
+                                 timeout=300)
+    fetched = sorted(p.name for p in (tmp_path / "llama-cache").rglob("*.gguf"))
+    name = manifest["release"]
+    assert fetched == [f"{name}-Q4_K_M.gguf", f"mtp-{name}-Q4_K_M.gguf"]
+    assert body["tokens"] == smoke["tokens"]
+    assert body["timings"]["draft_n"] > 0

@@ -532,7 +532,6 @@ NUMBER_FORMATS: dict[str, Callable[[Any], str]] = {
     "bits": lambda n: f"{n:.2f}",
     "size": human_size,
     "params": human_parameters,
-    "number": _plain_number,
 }
 
 

@@ -35,6 +35,7 @@ class SmokeResult:
     n_predict: int
     draft_n_max: int
     tokens_identical: bool
+    tokens: tuple[int, ...]  # the greedy output, so any later client (the -hf gate) can be compared with it
     drafted: int
     accepted: int
     acceptance: float | None
@@ -74,7 +75,7 @@ def smoke(model: GgufFile, head: GgufFile | None, spec: SmokeSpec, tools: LlamaC
     identical = plain.tokens == with_mtp.tokens
     result = SmokeResult(
         model=model.name, head=head.name if head else None, quant=model.quant, layout=model.layout,
-        n_predict=spec.n_predict, draft_n_max=spec.draft_n_max, tokens_identical=identical,
+        n_predict=spec.n_predict, draft_n_max=spec.draft_n_max, tokens_identical=identical, tokens=plain.tokens,
         drafted=with_mtp.drafted, accepted=with_mtp.accepted,
         acceptance=with_mtp.accepted / with_mtp.drafted if with_mtp.drafted else None,
         tokens_per_second_plain=plain.predicted_per_second, tokens_per_second_mtp=with_mtp.predicted_per_second,

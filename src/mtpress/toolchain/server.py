@@ -8,7 +8,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +37,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def llama_server(tools: LlamaCpp, args: Sequence[str], *, timeout: float, threads: int | None = None
-                 ) -> Iterator[RunningServer]:
+def llama_server(tools: LlamaCpp, args: Sequence[str], *, timeout: float, threads: int | None = None,
+                 env: Mapping[str, str] | None = None) -> Iterator[RunningServer]:
     """Start ``llama-server`` with ``args``, wait until it is healthy, yield it, kill its process group."""
     port = free_port()
     threads = threads or os.cpu_count() or 2
@@ -47,7 +47,7 @@ def llama_server(tools: LlamaCpp, args: Sequence[str], *, timeout: float, thread
     with tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False) as log:
         log_path = Path(log.name)
     with log_path.open("w") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=tool_env(),
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=tool_env(env),
                                 start_new_session=True)
     try:
         _wait_healthy(proc, f"http://127.0.0.1:{port}", argv, log_path, timeout)

@@ -1,0 +1,84 @@
+"""Never redo a stage whose inputs are unchanged, across runs and processes.
+
+A stage's key hashes its inputs by content (sha256 of files, toolchain version, stage
+parameters, mtpress version) — never paths. Its result is stored under the key next to the
+outputs; a hit is used only if every output file it names still exists with the size and
+modification time recorded when it was written. Outputs are renamed into place only when
+complete, so a run that died midway leaves nothing a later run could mistake for a result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mtpress.fsutil import write_text_atomic
+from mtpress.stages.gguf_files import GgufFile
+from mtpress.stages.smoke import SmokeResult
+
+T = TypeVar("T")
+# What a cache entry may hold; results are stored as JSON (never pickles) and rebuilt by type name.
+RESULT_TYPES = {cls.__name__: cls for cls in (GgufFile, SmokeResult)}
+CACHE_DIR = ".mtpress-cache"
+FORMAT = 1
+
+
+def cache_key(*parts: Any) -> str:
+    from importlib.metadata import version
+
+    payload = json.dumps([FORMAT, version("mtpress"), *parts], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+class StageCache:
+    def __init__(self, root: Path) -> None:
+        self.root = root / CACHE_DIR
+        self.hits: list[str] = []
+
+    def run(self, stage: str, key: str, compute: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``compute(*args, **kwargs)``, unless a valid result is stored under ``key``."""
+        entry = self.root / f"{stage}-{key}.json"
+        if entry.is_file():
+            stored = json.loads(entry.read_text())
+            if all(_unchanged(Path(path), stat) for path, stat in stored["outputs"]):
+                self.hits.append(stage)
+                return _decode(stored["result"])
+        result = compute(*args, **kwargs)
+        outputs = [(str(f.path), _stat(f.path)) for f in _flatten(result) if isinstance(f, GgufFile)]
+        write_text_atomic(entry, json.dumps({"result": _encode(result), "outputs": outputs}))
+        return result
+
+
+def _flatten(value: Any) -> list[Any]:
+    return [item for v in value for item in _flatten(v)] if isinstance(value, (list, tuple)) else [value]
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    return {"type": type(value).__name__, **{k: str(v) if isinstance(v, Path) else v for k, v in fields.items()}}
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    cls = RESULT_TYPES[value.pop("type")]
+    kwargs = {}
+    for field in dataclasses.fields(cls):
+        raw = value[field.name]
+        kwargs[field.name] = Path(raw) if field.name == "path" else tuple(raw) if isinstance(raw, list) else raw
+    return cls(**kwargs)
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _unchanged(path: Path, stat: list[int]) -> bool:
+    return path.is_file() and list(_stat(path)) == stat
