@@ -32,6 +32,7 @@ from mtpress.schema import ReleaseConfig, Source, load_release_config
 from mtpress.stages import convert, download, inject, quantize, smoke
 from mtpress.stages.card import render_card, write_card
 from mtpress.stages.gguf_files import GgufFile
+from mtpress.stages.preflight import check_disk_space, planned_output_bytes
 from mtpress.stages.publish import publish as publish_stage
 from mtpress.toolchain import resolve_toolchain
 
@@ -87,6 +88,7 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
         injected = inject_task(finetune, donor, arch, work / "injected")
     log.info("inject: %s", injected.reason)
 
+    check_disk_space(release_dir, planned_output_bytes(injected.model, arch, cfg))
     cache = StageCache(release_dir)
     model_digest = dir_digest(injected.model.path)
     steps = len(cfg.layouts) * (1 + len(cfg.quants)) * 2

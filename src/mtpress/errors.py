@@ -36,6 +36,10 @@ class ConfigError(MtpressError, ValueError):
         super().__init__(lines, hint=hint)
 
 
+class InsufficientDiskError(MtpressError, OSError):
+    """Not enough free disk for the planned outputs; raised before any long work starts."""
+
+
 # MODEL ERRORS
 
 

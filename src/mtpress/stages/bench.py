@@ -1,0 +1,356 @@
+"""Speed of one model file with and without draft-mtp, measured on llama-server.
+
+One server per configuration (plain decoding, then draft-mtp at each draft length k) receives a
+warm-up request and then every prompt of the prompt set, repeatedly, with greedy sampling, a fixed
+seed and ``cache_prompt: false`` so each request processes its prompt afresh. The server's own
+``timings`` give prompt-processing and generation tokens/s and the drafted/accepted counts.
+
+A benchmark is a measurement, not a gate: this stage never fails a release for being slow. It
+raises only when it cannot measure (a server that does not start, a response without timings).
+It also records whether draft-mtp reproduced plain decoding's greedy tokens; smoke is the gate
+for that, here it is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+from gguf import GGUFReader
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mtpress.errors import ConfigError, ToolchainError
+from mtpress.fsutil import sha256_file
+from mtpress.manifest import hardware
+from mtpress.stages.gguf_files import GgufFile
+from mtpress.stages.smoke import SEED, greedy_request, server_args
+from mtpress.toolchain import LlamaCpp, run_tool
+from mtpress.toolchain.server import RunningServer, llama_server
+
+PROMPTS_RESOURCE = "data/bench_prompts.jsonl"
+SPREAD_METHOD = ("median, min/max and interquartile range (q1, q3: linear interpolation between order "
+                 "statistics) over every prompt x repetition sample of the scope; warm-up requests excluded")
+ALL_DOMAINS = "all"
+DEMO_TAG = "mtpress-demo"  # general.tags of the generated demo models (their model card's tags)
+
+
+class BenchSpec(BaseModel):
+    """How to benchmark; the release config's ``bench:`` section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    draft_lengths: tuple[Annotated[int, Field(ge=1, le=8)], ...] = (1, 2, 3)
+    repetitions: Annotated[int, Field(ge=1, le=50)] = 3
+    warmup: Annotated[int, Field(ge=0, le=10)] = 1
+    n_predict: Annotated[int, Field(ge=1, le=1024)] = 64
+    prompts: Path | None = Field(default=None, description="JSONL of {id, domain, prompt}; default: the shipped set")
+    threads: Annotated[int, Field(ge=1)] | None = None  # None: every core, as llama-server's default
+    timeout_s: Annotated[float, Field(gt=0)] = 600.0  # per server start and per request
+
+    @field_validator("draft_lengths")
+    @classmethod
+    def _distinct(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a draft length twice")
+        return value
+
+
+@dataclass(frozen=True)
+class BenchPrompt:
+    id: str
+    domain: str
+    prompt: str
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A sample's median and spread. ``iqr`` = ``q3 - q1``."""
+
+    n: int
+    median: float
+    q1: float
+    q3: float
+    iqr: float
+    min: float
+    max: float
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One measured request (prompt x repetition) as llama-server's ``timings`` report it."""
+
+    prompt_id: str
+    domain: str
+    repetition: int
+    prompt_tokens: int
+    prompt_per_second: float
+    generated_tokens: int
+    generation_per_second: float
+    drafted: int
+    accepted: int
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The summary of one configuration over one scope: a domain, or ``all`` prompts.
+
+    ``acceptance`` is alpha = accepted / drafted. ``speedup`` is this configuration's median generation
+    tokens/s over plain decoding's median in the same scope. ``acceptance_bound`` is
+    (1 - alpha^(k+1)) / (1 - alpha): the tokens each verification step would yield if every drafted token
+    were accepted independently with probability alpha, a ceiling on the speedup that ignores what
+    drafting and verifying cost.
+    """
+
+    scope: str
+    samples: int
+    prompt_per_second: Spread
+    generation_per_second: Spread
+    drafted: int
+    accepted: int
+    acceptance: float | None
+    speedup: float | None
+    acceptance_bound: float | None
+
+
+@dataclass(frozen=True)
+class ConfigResult:
+    """One server configuration: ``plain`` (draft_n_max 0) or ``mtp-k<N>`` (draft-mtp, draft length N)."""
+
+    config: str
+    draft_n_max: int
+    overall: Figures
+    by_domain: tuple[Figures, ...]
+    matches_plain: bool | None  # every prompt and repetition gave plain decoding's greedy tokens; None for plain
+    mismatched_prompts: tuple[str, ...]
+    samples: tuple[Sample, ...]
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model: str
+    head: str | None
+    quant: str
+    layout: str
+    size_label: str | None  # the GGUF's general.size_label, e.g. "9B" or "137M"
+    llama_cpp: str
+    hardware: dict[str, Any]
+    prompt_set: str
+    prompt_set_sha256: str
+    prompts: int
+    domains: tuple[str, ...]
+    n_predict: int
+    repetitions: int
+    warmup: int
+    seed: int
+    spread: str
+    configs: tuple[ConfigResult, ...]
+    notes: tuple[str, ...]
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per configuration (all prompts), for a Prefect table artifact or the card."""
+        return [{"file": self.model, "quant": self.quant, "config": c.config,
+                 "tg tok/s (median)": round(c.overall.generation_per_second.median, 2),
+                 "tg IQR": round(c.overall.generation_per_second.iqr, 2),
+                 "pp tok/s (median)": round(c.overall.prompt_per_second.median, 2),
+                 "pp IQR": round(c.overall.prompt_per_second.iqr, 2),
+                 "alpha": _round(c.overall.acceptance), "speedup": _round(c.overall.speedup),
+                 "bound": _round(c.overall.acceptance_bound), "same tokens": c.matches_plain}
+                for c in self.configs]
+
+
+def acceptance_bound(alpha: float, k: int) -> float:
+    """(1 - alpha^(k+1)) / (1 - alpha), written as the sum 1 + alpha + ... + alpha^k so alpha = 1 gives k + 1."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"acceptance rate must lie in [0, 1], got {alpha}")
+    if k < 0:
+        raise ValueError(f"draft length must be >= 0, got {k}")
+    return sum(alpha**i for i in range(k + 1))
+
+
+def summarize(values: Sequence[float]) -> Spread:
+    """Median, quartiles (linear interpolation, as numpy's default), IQR, min and max."""
+    if not values:
+        raise ValueError("cannot summarize an empty sample")
+    ordered = sorted(values)
+    q1, q3 = _quantile(ordered, 0.25), _quantile(ordered, 0.75)
+    return Spread(n=len(ordered), median=statistics.median(ordered), q1=q1, q3=q3, iqr=q3 - q1,
+                  min=ordered[0], max=ordered[-1])
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def load_prompts(path: Path | None = None) -> tuple[BenchPrompt, ...]:
+    """The prompt set: ``path``, or the one shipped in ``mtpress/data``. Raises ConfigError on a bad line."""
+    source = path or Path(str(resources.files("mtpress").joinpath(PROMPTS_RESOURCE)))
+    problems: list[str] = []
+    prompts: list[BenchPrompt] = []
+    try:
+        lines = source.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ConfigError(str(source), [f"cannot read the prompt set: {e}"]) from e
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            prompts.append(BenchPrompt(id=str(record["id"]), domain=str(record["domain"]),
+                                       prompt=str(record["prompt"])))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            problems.append(f"line {number}: expected a JSON object with id, domain and prompt ({e})")
+    ids = [p.id for p in prompts]
+    problems += [f"prompt id {i!r} appears more than once" for i in sorted({i for i in ids if ids.count(i) > 1})]
+    problems += [f"prompt {p.id!r} is empty" for p in prompts if not p.prompt]
+    if not prompts and not problems:
+        problems.append("holds no prompts")
+    if problems:
+        raise ConfigError(str(source), problems)
+    return tuple(prompts)
+
+
+def bench(model: GgufFile, head: GgufFile | None, spec: BenchSpec, tools: LlamaCpp) -> BenchResult:
+    """Measure ``model`` (with its sidecar ``head``, if any) plain and with draft-mtp at each draft length."""
+    prompts = load_prompts(spec.prompts)
+    threads = spec.threads or os.cpu_count() or 2
+    metadata = _gguf_metadata(model.path)
+    has_head = head is not None or model.nextn_layers > 0
+    draft_lengths = spec.draft_lengths if has_head else ()
+
+    plain_samples, plain_tokens = _run_config(tools, server_args(model, head, mtp=False, draft_n_max=0),
+                                              prompts, spec, threads)
+    plain_gen = _generation_medians(plain_samples)
+    configs = [_config_result("plain", 0, plain_samples, plain_gen, matches=None, mismatched=())]
+    for k in draft_lengths:
+        samples, tokens = _run_config(tools, server_args(model, head, mtp=True, draft_n_max=k), prompts, spec,
+                                      threads)
+        mismatched = tuple(sorted({prompt_id for prompt_id, rep_tokens in tokens.items()
+                                   if any(t != plain_tokens[prompt_id][0] for t in rep_tokens)}))
+        configs.append(_config_result(f"mtp-k{k}", k, samples, plain_gen, matches=not mismatched,
+                                      mismatched=mismatched))
+
+    devices = _gpu_devices(tools)
+    prompt_file = spec.prompts or Path(str(resources.files("mtpress").joinpath(PROMPTS_RESOURCE)))
+    return BenchResult(
+        model=model.name, head=head.name if head else None, quant=model.quant, layout=model.layout,
+        size_label=metadata.get("general.size_label"), llama_cpp=tools.version,
+        hardware={**hardware(), "gpu": ", ".join(devices) or None, "threads": threads,
+                  "offload": f"llama-server default onto {', '.join(devices)}" if devices else "none (CPU)"},
+        prompt_set=f"mtpress/{PROMPTS_RESOURCE}" if spec.prompts is None else str(spec.prompts),
+        prompt_set_sha256=sha256_file(prompt_file), prompts=len(prompts),
+        domains=tuple(dict.fromkeys(p.domain for p in prompts)), n_predict=spec.n_predict,
+        repetitions=spec.repetitions, warmup=spec.warmup, seed=SEED, spread=SPREAD_METHOD,
+        configs=tuple(configs),
+        notes=_notes(devices, DEMO_TAG in metadata.get("general.tags", ()), has_head, threads))
+
+
+def _run_config(tools: LlamaCpp, args: list[str], prompts: Sequence[BenchPrompt], spec: BenchSpec, threads: int
+                ) -> tuple[list[Sample], dict[str, list[tuple[int, ...]]]]:
+    """All prompts x repetitions against one server; returns the samples and each prompt's tokens per repetition.
+
+    Repetitions are the outer loop so slow drift on a shared machine spreads over all prompts alike.
+    """
+    samples: list[Sample] = []
+    tokens: dict[str, list[tuple[int, ...]]] = {p.id: [] for p in prompts}
+    with llama_server(tools, args, timeout=spec.timeout_s, threads=threads) as server:
+        for _ in range(spec.warmup):
+            _request(server, prompts[0].prompt, spec)
+        for repetition in range(spec.repetitions):
+            for prompt in prompts:
+                body = _request(server, prompt.prompt, spec)
+                samples.append(parse_sample(body, prompt, repetition))
+                tokens[prompt.id].append(tuple(body.get("tokens") or ()))
+    return samples, tokens
+
+
+def _request(server: RunningServer, prompt: str, spec: BenchSpec) -> dict[str, Any]:
+    return server.completion(greedy_request(prompt, spec.n_predict), timeout=spec.timeout_s)
+
+
+def parse_sample(body: dict[str, Any], prompt: BenchPrompt, repetition: int) -> Sample:
+    """One ``/completion`` response's timings. llama-server omits ``draft_n`` when nothing was drafted."""
+    timings = body.get("timings")
+    try:
+        return Sample(prompt_id=prompt.id, domain=prompt.domain, repetition=repetition,
+                      prompt_tokens=int(timings["prompt_n"]), prompt_per_second=float(timings["prompt_per_second"]),
+                      generated_tokens=int(timings["predicted_n"]),
+                      generation_per_second=float(timings["predicted_per_second"]),
+                      drafted=int(timings.get("draft_n", 0)), accepted=int(timings.get("draft_n_accepted", 0)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ToolchainError(f"llama-server answered prompt {prompt.id!r} without usable timings ({e!r}): "
+                             f"{json.dumps(timings)[:300]}",
+                             hint="the bench needs llama-server's /completion timings; check the llama.cpp build"
+                             ) from e
+
+
+def _generation_medians(samples: Sequence[Sample]) -> dict[str, float]:
+    """Plain decoding's median generation tokens/s per scope: the denominators of every speedup."""
+    return {scope: summarize([s.generation_per_second for s in group]).median
+            for scope, group in _scopes(samples)}
+
+
+def _scopes(samples: Sequence[Sample]) -> Iterable[tuple[str, list[Sample]]]:
+    yield ALL_DOMAINS, list(samples)
+    for domain in dict.fromkeys(s.domain for s in samples):
+        yield domain, [s for s in samples if s.domain == domain]
+
+
+def _config_result(config: str, k: int, samples: Sequence[Sample], plain_generation: dict[str, float], *,
+                   matches: bool | None, mismatched: tuple[str, ...]) -> ConfigResult:
+    figures = [figures_for(scope, group, k, plain_generation.get(scope)) for scope, group in _scopes(samples)]
+    return ConfigResult(config=config, draft_n_max=k, overall=figures[0], by_domain=tuple(figures[1:]),
+                        matches_plain=matches, mismatched_prompts=mismatched, samples=tuple(samples))
+
+
+def figures_for(scope: str, samples: Sequence[Sample], k: int, plain_generation_median: float | None) -> Figures:
+    """Summarize one scope; alpha pools the counts (total accepted / total drafted), not per-request rates."""
+    generation = summarize([s.generation_per_second for s in samples])
+    drafted = sum(s.drafted for s in samples)
+    accepted = sum(s.accepted for s in samples)
+    alpha = accepted / drafted if drafted else None
+    speedup = generation.median / plain_generation_median if k and plain_generation_median else None
+    return Figures(scope=scope, samples=len(samples),
+                   prompt_per_second=summarize([s.prompt_per_second for s in samples]),
+                   generation_per_second=generation, drafted=drafted, accepted=accepted, acceptance=alpha,
+                   speedup=speedup, acceptance_bound=acceptance_bound(alpha, k) if alpha is not None else None)
+
+
+def _gguf_metadata(path: Path) -> dict[str, Any]:
+    reader = GGUFReader(path)
+    return {key: reader.get_field(key).contents() for key in ("general.size_label", "general.tags")
+            if reader.get_field(key) is not None}
+
+
+def _gpu_devices(tools: LlamaCpp) -> list[str]:
+    """The accelerators this llama.cpp build can use; the pinned CPU build lists ``(none)``."""
+    output = run_tool([tools.tool("llama-server"), "--list-devices"], timeout=60)
+    lines = output.split("Available devices:", 1)[-1].splitlines()
+    return [line.strip() for line in lines if line.strip() and line.strip() != "(none)"]
+
+
+def _notes(devices: Sequence[str], demo_model: bool, has_head: bool, threads: int) -> tuple[str, ...]:
+    notes = []
+    if not devices:
+        notes.append(f"Measured on CPU only ({threads} threads, no offload). On CPU, verifying k drafted tokens "
+                     "costs nearly k decoding steps for quantized weights, so draft-mtp can be slower than plain "
+                     "decoding here; speedups need a memory-bound setting (a large model, a GPU).")
+    if demo_model:
+        notes.append(f"The model is tagged {DEMO_TAG}: a tiny synthetic checkpoint. These figures are real "
+                     "measurements of a toy and say nothing about a real model's speed or acceptance.")
+    if not has_head:
+        notes.append("The file has no MTP head (no nextn layers, no sidecar): only plain decoding was measured.")
+    return tuple(notes)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
