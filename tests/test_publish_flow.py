@@ -11,6 +11,7 @@ from mtpress.hub.client import hub_api
 
 pytestmark = pytest.mark.slow
 DEMO = Path(__file__).resolve().parent.parent / "model_configs" / "demo.yaml"
+TOKEN = "hf_" + "mtpressLeakCanary7f3a9c1e5b2d8f4a6c0e"  # recognisable, and shaped like a real token
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +24,11 @@ def release(tmp_path_factory, toolchain, demo_pair, prefect_harness):
     mp = pytest.MonkeyPatch()
     with LocalHub(root / "hub") as hub:
         mp.setenv("HF_ENDPOINT", hub.url)
-        mp.setenv("HF_TOKEN", "hf_" + "mtpressTestSuiteToken0123456789abcdef")
+        mp.setenv("HF_TOKEN", TOKEN)
         mp.setenv("HF_HOME", str(root / "hf_home"))
         seed_upstream_repos(DEMO)
         release_dir = Path(publish(str(DEMO), str(root / "release")))
-        yield {"dir": release_dir, "manifest": json.loads((release_dir / "manifest.json").read_text()),
+        yield {"dir": release_dir, "root": root, "manifest": json.loads((release_dir / "manifest.json").read_text()),
                "hub": hub, "api": hub_api()}
     mp.undo()
 
@@ -131,3 +132,36 @@ def test_llama_cpp_hf_downloader_fetches_the_published_pair_and_drafts(release, 
     assert fetched == [f"{name}-Q4_K_M.gguf", f"mtp-{name}-Q4_K_M.gguf"]
     assert body["tokens"] == smoke["tokens"]
     assert body["timings"]["draft_n"] > 0
+
+
+def test_the_token_appears_in_no_output_log_or_stored_file(release):
+    """Every file the run wrote (release, hub storage, caches) and every log line Prefect stored."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter
+
+    needle = TOKEN.encode()
+    scanned = 0
+    for path in release["root"].rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert not _contains(path, needle), f"token found in {path}"
+            scanned += 1
+    assert scanned > 20
+
+    async def all_logs():
+        async with get_client() as client:
+            return await client.read_logs(LogFilter(), limit=10_000)
+
+    logs = asyncio.run(all_logs())
+    assert logs and not [log.message for log in logs if TOKEN in log.message]
+
+
+def _contains(path: Path, needle: bytes, chunk: int = 64 * 2**20) -> bool:
+    tail = b""
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            if needle in tail + block:
+                return True
+            tail = block[-len(needle):]
+    return False

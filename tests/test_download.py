@@ -1,0 +1,64 @@
+"""download: pinned revisions, remote head detection from headers only, refusals before any weight moves."""
+
+import pytest
+
+from mtpress.errors import ModelError
+from mtpress.hub.client import hub_api
+from mtpress.schema import Source
+from mtpress.stages.download import fetch, probe
+from tests.fixtures import make_checkpoint
+
+
+def upload(folder, repo):
+    api = hub_api()
+    api.create_repo(repo)
+    return api.upload_folder(repo_id=repo, folder_path=folder, commit_message="upload").oid
+
+
+@pytest.fixture
+def remote_pair(local_hub, tmp_path):
+    upload(make_checkpoint(tmp_path / "base", with_head=True, seed=1).path, "org/base")
+    commit = upload(make_checkpoint(tmp_path / "ft", with_head=False, seed=2).path, "org/ft")
+    return commit
+
+
+def test_probe_reads_the_head_from_remote_headers_without_downloading(remote_pair, local_hub, tmp_path):
+    base = probe(Source(repo="org/base"))
+    finetune = probe(Source(repo="org/ft"))
+    assert len(base.head_tensors) == 15 and all(n.startswith("mtp.") for n in base.head_tensors)
+    assert finetune.head_tensors == () and finetune.revision == remote_pair
+    assert not list((tmp_path / "hf_home").rglob("*.safetensors")), "probing must not download weights"
+
+
+def test_fetch_pins_the_resolved_commit_and_takes_only_needed_files(remote_pair, local_hub, tmp_path):
+    api = hub_api()
+    api.upload_file(path_or_fileobj=b"not needed", path_in_repo="notes/training-log.txt", repo_id="org/ft")
+    api.upload_file(path_or_fileobj=b"\x80\x04pickle", path_in_repo="optimizer.pt", repo_id="org/ft")
+    model = fetch(Source(repo="org/ft", revision=remote_pair), tmp_path / "cache")
+    assert model.revision == remote_pair and model.label.endswith(remote_pair[:12])
+    names = {p.name for p in model.path.iterdir()}
+    assert "config.json" in names and "model.safetensors.index.json" in names
+    assert "training-log.txt" not in names and "optimizer.pt" not in names
+    assert len(model.tensors) == 3
+
+
+def test_a_branch_revision_resolves_to_a_commit_sha(remote_pair, local_hub, tmp_path):
+    model = fetch(Source(repo="org/ft", revision="main"), tmp_path / "cache")
+    assert len(model.revision) == 40 and model.revision == remote_pair
+
+
+def test_pickle_only_repo_is_refused_before_download(local_hub, tmp_path):
+    api = hub_api()
+    api.create_repo("org/pickles")
+    api.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id="org/pickles")
+    api.upload_file(path_or_fileobj=b"\x80\x04pickle", path_in_repo="pytorch_model.bin", repo_id="org/pickles")
+    with pytest.raises(ModelError, match="only pickle weights"):
+        fetch(Source(repo="org/pickles"), tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_local_directory_sources_are_used_in_place(tmp_path):
+    model = make_checkpoint(tmp_path / "local", with_head=False, seed=3)
+    assert fetch(Source(path=model.path), tmp_path / "cache").path == model.path
+    with pytest.raises(ModelError, match="not a directory"):
+        fetch(Source(path=tmp_path / "missing"), tmp_path / "cache")
