@@ -1,0 +1,82 @@
+"""Global concurrency limits that keep the heavy stages from fighting over one machine.
+
+``llama-quantize`` uses every core it is given and a benchmark needs the GPU to itself, so however many
+publish runs a worker starts, each machine quantizes one model at a time and each GPU host runs one
+benchmark at a time:
+
+    with occupy("quantize-cpu"):
+        quantize(...)
+
+Prefect silently skips a limit that does not exist ("do not exist - skipping acquisition") and then runs
+everything in parallel, so ``occupy`` creates its limit first and acquires it strictly.
+
+A limit lives on the Prefect server, so by default it is shared by every machine that talks to that server.
+With several machines, set ``MTPRESS_LIMIT_SCOPE`` (e.g. to the host name) in each worker's environment:
+``occupy("quantize-cpu")`` then takes ``quantize-cpu-<scope>``, one slot per machine (docs/deploy.md).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+
+# Limit kind → slots. Both are 1: a second quantize on the same cores, or a second benchmark on the same
+# GPU, makes both slower and the benchmark's numbers meaningless.
+LIMITS: dict[str, int] = {"quantize-cpu": 1, "bench-gpu": 1}
+SCOPE_ENV = "MTPRESS_LIMIT_SCOPE"
+
+
+def limit_name(kind: str) -> str:
+    """The server-side name of a limit kind on this machine (scoped by ``MTPRESS_LIMIT_SCOPE`` when set)."""
+    if kind not in LIMITS:
+        raise ValueError(f"unknown concurrency limit {kind!r}; known: {', '.join(LIMITS)}")
+    scope = os.environ.get(SCOPE_ENV, "").strip()
+    return f"{kind}-{scope}" if scope else kind
+
+
+def ensure_limits() -> list[str]:
+    """Create this machine's limits on the Prefect server where missing; return the names created.
+
+    An existing limit is left as it is, so an operator may give a big host two quantize slots.
+    """
+    return [name for name in (limit_name(kind) for kind in LIMITS) if _create_if_missing(name, LIMITS[_kind(name)])]
+
+
+@contextmanager
+def occupy(kind: str, *, timeout_seconds: float | None = None) -> Iterator[None]:
+    """Hold one slot of the limit ``kind`` (e.g. "quantize-cpu") for the block; wait while it is full."""
+    from prefect.concurrency.sync import concurrency
+
+    name = limit_name(kind)
+    _ensure_once(name)
+    with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True):
+        yield
+
+
+@cache
+def _ensure_once(name: str) -> None:
+    _create_if_missing(name, LIMITS[_kind(name)])
+
+
+def _kind(name: str) -> str:
+    return next(kind for kind in LIMITS if name == kind or name.startswith(f"{kind}-"))
+
+
+def _create_if_missing(name: str, slots: int) -> bool:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+            return False
+        except ObjectNotFound:
+            pass
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+        except ObjectAlreadyExists:  # another process created it between our read and our create
+            return False
+    return True
