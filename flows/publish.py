@@ -25,7 +25,7 @@ from prefect.artifacts import (
 from flows.cache import StageCache, cache_key
 from mtpress.archs import get_arch
 from mtpress.checkpoint import ModelDir
-from mtpress.fsutil import dir_digest, sha256_file
+from mtpress.fsutil import dir_digest, remove_stale_partials, sha256_file
 from mtpress.hub.client import hub_api
 from mtpress.manifest import hardware, jsonable, read_manifest, write_manifest
 from mtpress.schema import ReleaseConfig, Source, load_release_config
@@ -76,6 +76,8 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
     release_dir = Path(output or Path("releases") / cfg.name).resolve()
     work = release_dir.parent / f".work-{cfg.name}"
     watch = Stopwatch()
+    if release_dir.is_dir() and (stale := remove_stale_partials(release_dir)):
+        log.warning("removed %d leftovers of an interrupted run: %s", len(stale), ", ".join(p.name for p in stale))
 
     with watch.time("toolchain"):
         tools = toolchain_task()

@@ -41,27 +41,25 @@ def ensure_limits() -> list[str]:
 
     An existing limit is left as it is, so an operator may give a big host two quantize slots.
     """
-    return [name for name in (limit_name(kind) for kind in LIMITS) if _create_if_missing(name, LIMITS[_kind(name)])]
+    return [limit_name(kind) for kind, slots in LIMITS.items() if _create_if_missing(limit_name(kind), slots)]
 
 
 @contextmanager
 def occupy(kind: str, *, timeout_seconds: float | None = None) -> Iterator[None]:
     """Hold one slot of the limit ``kind`` (e.g. "quantize-cpu") for the block; wait while it is full."""
     from prefect.concurrency.sync import concurrency
+    from prefect.settings import PREFECT_API_URL
 
     name = limit_name(kind)
-    _ensure_once(name)
+    _ensure_once(PREFECT_API_URL.value(), name, LIMITS[kind])
     with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True):
         yield
 
 
 @cache
-def _ensure_once(name: str) -> None:
-    _create_if_missing(name, LIMITS[_kind(name)])
-
-
-def _kind(name: str) -> str:
-    return next(kind for kind in LIMITS if name == kind or name.startswith(f"{kind}-"))
+def _ensure_once(api_url: str | None, name: str, slots: int) -> None:
+    """Once per process and server (``api_url`` keys the cache); a limit deleted later fails ``strict``ly."""
+    _create_if_missing(name, slots)
 
 
 def _create_if_missing(name: str, slots: int) -> bool:

@@ -39,6 +39,17 @@ def atomic_path(final: Path) -> Iterator[Path]:
         raise
 
 
+def remove_stale_partials(root: Path) -> list[Path]:
+    """Delete what an interrupted run left behind (``*.partial`` files, scratch dirs); nothing else."""
+    stale = [p for p in root.rglob("*") if p.name.endswith(".partial") or p.name.startswith(".convert-")]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
