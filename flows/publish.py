@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 
 from huggingface_hub.repocard import metadata_load
@@ -130,6 +131,8 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
 
     manifest_path = write_manifest(release_dir, {
         "release": cfg.name,
+        "config_file": _config_label(Path(config)),
+        "mtpress": version("mtpress"),
         "config": cfg.model_dump(mode="json"),
         "toolchain": tools.describe(),
         "hardware": hardware(),
@@ -182,6 +185,12 @@ def _input_record(model: ModelDir, source: Source) -> dict:
     return {"label": model.label, "repo": source.repo, "revision": model.revision,
             "license": (card_data or {}).get("license"),
             "files": {name: sha256_file(model.path / name) for name in model.shard_files()}}
+
+
+def _config_label(path: Path) -> str:
+    """The config as a user would name it to rerun: relative to the working directory when inside it."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else str(resolved)
 
 
 def _key(name: str, what: str) -> str:

@@ -267,6 +267,21 @@ def test_usage_commands_come_from_the_files_and_the_smoke_settings(manifest):
     assert "Every file in this release has its MTP layer embedded, so these apps cannot load them" in english
 
 
+def test_paths_come_from_the_manifest_when_a_layout_sits_at_the_repo_root(manifest):
+    for f in manifest["files"]:
+        f["path"] = f["path"].removeprefix("sidecar/")
+    card = render_card(manifest)
+    english, chinese = card.files["README.md"], card.files["README_zh.md"]
+    assert "- Sidecar, at the repo root:" in english and "- Embedded, in `embedded/`:" in english
+    assert "- 分离式（位于仓库根目录）：" in chinese and "- 内嵌式（位于 `embedded/` 文件夹）：" in chinese
+    _, blocks = split_fences(english)
+    assert ("llama-server -m Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf -md mtp-Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf "
+            "--spec-type draft-mtp --spec-draft-n-max 2") in "\n".join(blocks)
+    # Smoke records name files by layout and name; the card shows where they are in the repo.
+    assert "| ✅ yes | 38 | 24 |" in smoke_row(english, "Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf")
+    assert "| ✅ yes | 40 | 26 |" in smoke_row(english, "embedded/Tiny-Qwen3.5-Demo-FT-MTP-BF16.gguf")
+
+
 def test_recommendation_rule_prefers_q4_k_m_then_sidecar():
     def file(layout, role, quant):
         return {"path": f"{layout}/x-{quant}.gguf", "layout": layout, "role": role, "quant": quant}

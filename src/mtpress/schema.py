@@ -42,7 +42,7 @@ class Source(StrictModel):
     @field_validator("repo")
     @classmethod
     def _repo_id(cls, value: str | None) -> str | None:
-        if value is not None and not REPO_ID.match(value):
+        if value is not None and not REPO_ID.fullmatch(value):
             raise ValueError(f"{value!r} is not a Hub repo id of the form 'owner/name'")
         return value
 
@@ -65,7 +65,7 @@ class Target(StrictModel):
     @field_validator("repo")
     @classmethod
     def _repo_id(cls, value: str) -> str:
-        if not REPO_ID.match(value):
+        if not REPO_ID.fullmatch(value):
             raise ValueError(f"{value!r} is not a Hub repo id of the form 'owner/name'")
         return value
 
@@ -92,7 +92,7 @@ class ReleaseConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not RELEASE_NAME.match(value):
+        if not RELEASE_NAME.fullmatch(value):
             raise ValueError("must be letters, digits, '.', '_' or '-' (it becomes part of file names)")
         return value
 

@@ -14,7 +14,7 @@ import re
 import shlex
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -158,10 +158,12 @@ def card_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
     config = manifest.get("config") or {}
     target = _require(config, "target", "repo", where="manifest config")
     release = _require(manifest, "release", where="manifest")
+    # Older manifests lack the config's own path; the release name is the best guess there.
+    config_file = manifest.get("config_file") or f"model_configs/{release}.yaml"
     arch = _architecture_facts(manifest)
     files = _file_rows(manifest, arch)
     pair = _recommended_pair(files)
-    smoke = _smoke_rows(manifest)
+    smoke = _smoke_rows(manifest, files)
     hardware = manifest.get("hardware") or {}
     smoke_config = config.get("smoke") or {}
     draft_n_max = _smoke_setting(smoke_config, smoke, "draft_n_max")
@@ -181,9 +183,11 @@ def card_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
         "arch": arch,
         "files": files,
         "has_layout": {layout: any(f["layout"] == layout for f in files) for layout in LAYOUT_PREFERENCE},
+        "folder": _layout_folders(files),
         "preferred_quants": DEFAULT_QUANT_PREFERENCE,
         "pair": pair,
-        "usage": _usage(target, release, pair, mtp_flags),
+        "config_file": config_file,
+        "usage": _usage(target, config_file, pair, mtp_flags),
         "draft_n_max": draft_n_max,
         "smoke_flags": " ".join(mtp_flags),
         "smoke": smoke,
@@ -310,9 +314,8 @@ def _file_rows(manifest: Mapping[str, Any], arch: Mapping[str, Any]) -> list[dic
         size = _numeric(f.get("size"))
         path = f.get("path") or _require(f, "name", where="manifest files[]")
         rows.append({
-            "path": path, "layout": layout, "role": role, "quant": f.get("quant"),
-            "kind": FILE_KINDS.get((layout, role)),
-            "size": size, "sha256": f.get("sha256"),
+            "path": path, "name": f.get("name") or PurePosixPath(path).name, "layout": layout, "role": role,
+            "kind": FILE_KINDS.get((layout, role)), "quant": f.get("quant"), "size": size, "sha256": f.get("sha256"),
             "bits_per_weight": size * 8 / parameters if size is not None and parameters else None,
             "head_tensor_types": sorted({str(t).upper() for t in f.get("head_tensor_types") or []}),
             "recommended": id(f) in picked,
@@ -328,13 +331,14 @@ def _recommended_pair(files: list[dict[str, Any]]) -> dict[str, dict[str, Any] |
             "head": same_quant.get(("sidecar", "head")), "embedded": same_quant.get(("embedded", "model"))}
 
 
-def _usage(target: str, release: str, pair: dict[str, dict[str, Any] | None], mtp: list[str]) -> dict[str, Safe]:
+def _usage(target: str, config_file: str, pair: dict[str, dict[str, Any] | None], mtp: list[str]
+           ) -> dict[str, Safe]:
     """The command lines the card shows, for the recommended quant.
 
     Each is one shell-quoted line starting with the program's name, so it is safe inside a fenced code
     block (nothing in it can close the fence), though not in prose.
     """
-    commands = {"rerun": ["mtpress", "publish", f"model_configs/{release}.yaml"]}
+    commands = {"rerun": ["mtpress", "publish", config_file]}
     model, trunk, head, embedded = pair["model"], pair["trunk"], pair["head"], pair["embedded"]
     if model is not None:
         hub = ["-hf", f"{target}:{model['quant']}"]
@@ -354,13 +358,21 @@ def _usage(target: str, release: str, pair: dict[str, dict[str, Any] | None], mt
     return {key: Safe(shell_command(argv)) for key, argv in commands.items()}
 
 
-def _smoke_rows(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _layout_folders(files: list[dict[str, Any]]) -> dict[str, str]:
+    """Each layout's folder in the repo ("" for the root), as the manifest's paths place it."""
+    return {f["layout"]: str(PurePosixPath(f["path"]).parent).removeprefix(".") for f in files if f["layout"]}
+
+
+def _smoke_rows(manifest: Mapping[str, Any], files: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Smoke records name files by layout and file name; the card shows their paths in the repo."""
+    paths = {(f["layout"], f["name"]): f["path"] for f in files}
     rows = []
     for s in manifest.get("smoke") or []:
         plain, mtp = _numeric(s.get("tokens_per_second_plain")), _numeric(s.get("tokens_per_second_mtp"))
+        layout = s.get("layout")
         rows.append({
-            "file": "/".join(str(part) for part in (s.get("layout"), s.get("model")) if part),
-            "head": s.get("head"), "identical": s.get("tokens_identical"),
+            "file": paths.get((layout, s.get("model")), s.get("model")),
+            "head": paths.get((layout, s.get("head")), s.get("head")), "identical": s.get("tokens_identical"),
             "n_predict": s.get("n_predict"), "draft_n_max": s.get("draft_n_max"), "drafted": s.get("drafted"),
             "accepted": s.get("accepted"), "acceptance": s.get("acceptance"), "tps_plain": plain, "tps_mtp": mtp,
             "speedup": mtp / plain if plain and mtp is not None else None,

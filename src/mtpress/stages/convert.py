@@ -60,6 +60,6 @@ def describe_gguf(path: Path, arch: ArchSpec, config: dict, *, name: str, layout
     verify_head(path, facts, role=role, layout=layout, mtp_layers=arch.mtp_layers(config))
     return GgufFile(path=path, name=name, layout=layout, role=role, quant=quant, size=path.stat().st_size,
                     sha256=sha256_file(path), nextn_layers=facts.nextn_layers, block_count=facts.block_count,
-                    tensor_count=facts.tensor_count,
+                    tensor_count=facts.tensor_count, parameters=facts.parameters,
                     head_tensor_types=tuple(sorted(set(facts.head_block_tensors.values()))))
 

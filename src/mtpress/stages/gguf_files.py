@@ -27,6 +27,7 @@ class GgufFile:
     nextn_layers: int
     block_count: int
     tensor_count: int
+    parameters: int
     head_tensor_types: tuple[str, ...]
 
 
@@ -36,6 +37,7 @@ class GgufFacts:
     block_count: int
     nextn_layers: int
     tensor_count: int
+    parameters: int
     head_block_tensors: dict[str, str]  # name -> ggml type, for the MTP block
 
 
@@ -46,7 +48,8 @@ def read_facts(path: Path, *, head_block: int) -> GgufFacts:
     nextn = _int(reader, f"{arch}.nextn_predict_layers")
     prefix = f"blk.{head_block}."
     head = {t.name: t.tensor_type.name for t in reader.tensors if t.name.startswith(prefix)}
-    return GgufFacts(arch, block_count, nextn, len(reader.tensors), head)
+    parameters = sum(int(t.n_elements) for t in reader.tensors)
+    return GgufFacts(arch, block_count, nextn, len(reader.tensors), parameters, head)
 
 
 def verify_head(path: Path, facts: GgufFacts, *, role: Role, layout: str, mtp_layers: int) -> None:
