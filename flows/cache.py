@@ -23,6 +23,8 @@ from mtpress.stages.smoke import SmokeResult
 T = TypeVar("T")
 # What a cache entry may hold; results are stored as JSON (never pickles) and rebuilt by type name.
 RESULT_TYPES = {cls.__name__: cls for cls in (GgufFile, SmokeResult)}
+# A stored result whose type has since gained or lost fields must not be decoded: it is part of every key.
+RESULT_SCHEMA = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in RESULT_TYPES.items()}
 CACHE_DIR = ".mtpress-cache"
 FORMAT = 1
 
@@ -30,7 +32,7 @@ FORMAT = 1
 def cache_key(*parts: Any) -> str:
     from importlib.metadata import version
 
-    payload = json.dumps([FORMAT, version("mtpress"), *parts], sort_keys=True, default=str)
+    payload = json.dumps([FORMAT, RESULT_SCHEMA, version("mtpress"), *parts], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -57,6 +57,72 @@ def check_config(configs: Annotated[list[Path], typer.Argument(help="release con
     for path in configs:
         cfg = load_release_config(path)
         typer.echo(f"{path}: ok ({cfg.name}: {len(cfg.quants)} quants, layouts {', '.join(cfg.layouts)})")
+
+
+# The values of flows.watch.Launcher, spelled out so that `mtpress --help` does not import Prefect.
+LaunchVia = Literal["deployment", "event", "none"]
+
+
+@app.command()
+def watch(
+    policy: Annotated[Path, typer.Option(help="what to watch and how to release it")
+                      ] = Path("model_configs/watch.yaml"),
+    once: Annotated[bool, typer.Option("--once", help="decide once and exit, instead of watching on a schedule")
+                    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show the decisions; write, remember and launch nothing")
+                       ] = False,
+    launch: Annotated[LaunchVia, typer.Option(
+        help="how an eligible candidate's release starts: a run of the publish deployment, the "
+             "mtpress.candidate.eligible event (for prefect.yaml's trigger), or none (only write its config)")
+    ] = "deployment",
+    state_dir: Annotated[Path, typer.Option(help="where decisions (state.json) and generated configs live")
+                         ] = Path("releases/watch"),
+    every: Annotated[int, typer.Option(help="seconds between two looks at the Hub, without --once", min=60)] = 21600,
+) -> None:
+    """Find new fine-tunes of the watched base models on the Hub and start a release for each eligible one.
+
+    Eligible: supported architecture, MTP head missing, license allowed, not released or rejected before.
+
+    Decided from Hub metadata and safetensors headers only (no weights); remembered in STATE_DIR/state.json.
+
+    --once: one run, launching the `publish/publish` deployment (docs/deploy.md); or pass --launch none.
+
+    Without --once: serves `watch/local` every EVERY seconds, and `publish/local` to run the releases.
+    """
+    from mtpress.watch import load_watch_policy
+
+    load_watch_policy(policy)  # a bad policy fails here, in a second, not inside a flow run
+    from flows.watch import watch as watch_flow
+
+    parameters = {"policy": str(policy), "state_dir": str(state_dir), "launcher": launch, "dry_run": dry_run}
+    if once:
+        rows = watch_flow(**parameters)
+        typer.echo(f"{len(rows)} new candidates decided" + (" (dry run: nothing remembered)" if dry_run else ""))
+        return
+    from prefect import serve
+
+    from flows.publish import publish as publish_flow
+
+    # Own deployment names, so serving never replaces the publish/publish and watch/watch of prefect.yaml.
+    serve(watch_flow.to_deployment(name="local", interval=every,
+                                   parameters={**parameters, "deployment": "publish/local"}),
+          publish_flow.to_deployment(name="local"))
+
+
+@app.command()
+def limits() -> None:
+    """Create the concurrency limits quantize-cpu and bench-gpu (one slot each) on the Prefect server.
+
+    Limits that exist are left as they are (an operator may give a big host more slots).
+
+    With MTPRESS_LIMIT_SCOPE=<host> set, this machine's own: quantize-cpu-<host>, bench-gpu-<host> (docs/deploy.md).
+    """
+    from mtpress.concurrency import LIMITS, ensure_limits, limit_name
+
+    created = set(ensure_limits())
+    for kind, slots in LIMITS.items():
+        name = limit_name(kind)
+        typer.echo(f"{name}: {'created' if name in created else 'exists'} ({slots} slot{'s' if slots > 1 else ''})")
 
 
 @toolchain_app.command("build")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import json
 import re
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -228,9 +229,12 @@ def inspect_candidate(candidate: Candidate, policy: WatchPolicy, api) -> Candida
     card = info.card_data.to_dict() if info.card_data else {}
     architectures = None
     if "config.json" in files:
-        config_path = hf_hub_download(candidate.repo, "config.json", revision=info.sha, endpoint=api.endpoint,
-                                      token=api.token)
-        architectures = tuple(json.loads(Path(config_path).read_text(encoding="utf-8")).get("architectures") or ())
+        # Read once per candidate, ever: a throwaway cache keeps the user's Hub cache free of every candidate seen.
+        with tempfile.TemporaryDirectory(prefix="mtpress-watch-") as cache:
+            config_path = hf_hub_download(candidate.repo, "config.json", revision=info.sha, cache_dir=cache,
+                                          endpoint=api.endpoint, token=api.token)
+            config = json.loads(Path(config_path).read_text(encoding="utf-8"))
+        architectures = tuple(config.get("architectures") or ())
     weights, head = None, ()
     try:
         head = probe(Source(repo=candidate.repo, revision=info.sha)).head_tensors

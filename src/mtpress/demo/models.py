@@ -43,7 +43,9 @@ from mtpress.safetensors_io import bf16_bytes_to_f32, f32_to_bf16_bytes, write_s
 
 EOS_TOKEN_ID = 248046  # <|im_end|>
 PAD_TOKEN_ID = 248044  # <|endoftext|>
-REAL_TOKENS = 248077  # ranks + special tokens; rows above are padding up to vocab_size
+# Qwen3.5 checkpoints are written by transformers 5. Without a version >= 5 in config.json, transformers
+# 4.57 (the converter's) suspects a Mistral tokenizer and warns that the regex is wrong.
+TRANSFORMERS_VERSION = "5.23.0"
 DEFAULT_BASE_REPO_ID = "mtpress-demo/Qwen3.5-Demo-Base"
 DEFAULT_FINETUNE_REPO_ID = "mtpress-demo/Qwen3.5-Demo-Finetune"
 # Measured with llama.cpp draft-mtp (bf16, 12 prompts × 64 tokens): the base with its own head accepts
@@ -168,6 +170,7 @@ class DemoSpec:
                 "rope_type": "default",
             },
             "tie_word_embeddings": False,
+            "transformers_version": TRANSFORMERS_VERSION,
             "use_cache": True,
             "vocab_size": self.vocab_size,
         }
@@ -218,7 +221,7 @@ def write_demo_model(dest: Path, spec: DemoSpec, *, with_mtp: bool, repo_id: str
         write_json(tmp / "config.json", spec.config())
         write_json(tmp / "generation_config.json", {
             "do_sample": True, "eos_token_id": [EOS_TOKEN_ID, PAD_TOKEN_ID], "pad_token_id": PAD_TOKEN_ID,
-            "temperature": 0.6, "top_k": 20, "top_p": 0.95})
+            "temperature": 0.6, "top_k": 20, "top_p": 0.95, "transformers_version": TRANSFORMERS_VERSION})
         write_qwen35_tokenizer(tmp)
         write_text_atomic(tmp / "README.md", model_card(spec, repo_id=repo_id, base_model=base_model,
                                                         with_mtp=with_mtp, parameters=sum(p.size for p in plans)))

@@ -29,9 +29,8 @@ from mtpress.errors import ConfigError, ToolchainError
 from mtpress.fsutil import sha256_file
 from mtpress.manifest import hardware
 from mtpress.stages.gguf_files import GgufFile
-from mtpress.stages.smoke import SEED, greedy_request, server_args
 from mtpress.toolchain import LlamaCpp, run_tool
-from mtpress.toolchain.server import RunningServer, llama_server
+from mtpress.toolchain.server import llama_server
 
 PROMPTS_RESOURCE = "data/bench_prompts.jsonl"
 SPREAD_METHOD = ("median, min/max and interquartile range (q1, q3: linear interpolation between order "
@@ -191,9 +190,14 @@ def _quantile(ordered: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def prompt_file(path: Path | None = None) -> Path:
+    """``path``, or the prompt set shipped in ``mtpress/data``."""
+    return path or Path(str(resources.files("mtpress").joinpath(PROMPTS_RESOURCE)))
+
+
 def load_prompts(path: Path | None = None) -> tuple[BenchPrompt, ...]:
-    """The prompt set: ``path``, or the one shipped in ``mtpress/data``. Raises ConfigError on a bad line."""
-    source = path or Path(str(resources.files("mtpress").joinpath(PROMPTS_RESOURCE)))
+    """The prompt set (``path`` or the shipped one). Raises ConfigError naming every bad line."""
+    source = prompt_file(path)
     problems: list[str] = []
     prompts: list[BenchPrompt] = []
     try:
@@ -221,60 +225,68 @@ def load_prompts(path: Path | None = None) -> tuple[BenchPrompt, ...]:
 
 def bench(model: GgufFile, head: GgufFile | None, spec: BenchSpec, tools: LlamaCpp) -> BenchResult:
     """Measure ``model`` (with its sidecar ``head``, if any) plain and with draft-mtp at each draft length."""
+    # Deferred: smoke imports the schema, which imports BenchSpec from this module.
+    from mtpress.stages.smoke import SEED, greedy_request, server_args
+
     prompts = load_prompts(spec.prompts)
+    requests = [(prompt, greedy_request(prompt.prompt, spec.n_predict)) for prompt in prompts]
     threads = spec.threads or os.cpu_count() or 2
     metadata = _gguf_metadata(model.path)
     has_head = head is not None or model.nextn_layers > 0
     draft_lengths = spec.draft_lengths if has_head else ()
 
+    load_before = os.getloadavg()[0]
     plain_samples, plain_tokens = _run_config(tools, server_args(model, head, mtp=False, draft_n_max=0),
-                                              prompts, spec, threads)
-    plain_gen = _generation_medians(plain_samples)
-    configs = [_config_result("plain", 0, plain_samples, plain_gen, matches=None, mismatched=())]
+                                              requests, spec, threads)
+    plain_generation = _generation_medians(plain_samples)
+    configs = [_config_result("plain", 0, plain_samples, plain_generation, matches=None, mismatched=())]
     for k in draft_lengths:
-        samples, tokens = _run_config(tools, server_args(model, head, mtp=True, draft_n_max=k), prompts, spec,
+        samples, tokens = _run_config(tools, server_args(model, head, mtp=True, draft_n_max=k), requests, spec,
                                       threads)
-        mismatched = tuple(sorted({prompt_id for prompt_id, rep_tokens in tokens.items()
-                                   if any(t != plain_tokens[prompt_id][0] for t in rep_tokens)}))
-        configs.append(_config_result(f"mtp-k{k}", k, samples, plain_gen, matches=not mismatched,
+        mismatched = greedy_mismatches(plain_tokens, tokens)
+        configs.append(_config_result(f"mtp-k{k}", k, samples, plain_generation, matches=not mismatched,
                                       mismatched=mismatched))
 
+    load = (round(load_before, 2), round(os.getloadavg()[0], 2))
     devices = _gpu_devices(tools)
-    prompt_file = spec.prompts or Path(str(resources.files("mtpress").joinpath(PROMPTS_RESOURCE)))
     return BenchResult(
         model=model.name, head=head.name if head else None, quant=model.quant, layout=model.layout,
         size_label=metadata.get("general.size_label"), llama_cpp=tools.version,
         hardware={**hardware(), "gpu": ", ".join(devices) or None, "threads": threads,
-                  "offload": f"llama-server default onto {', '.join(devices)}" if devices else "none (CPU)"},
+                  "offload": f"llama-server default onto {', '.join(devices)}" if devices else "none (CPU)",
+                  "load_average_1m": load},
         prompt_set=f"mtpress/{PROMPTS_RESOURCE}" if spec.prompts is None else str(spec.prompts),
-        prompt_set_sha256=sha256_file(prompt_file), prompts=len(prompts),
+        prompt_set_sha256=sha256_file(prompt_file(spec.prompts)), prompts=len(prompts),
         domains=tuple(dict.fromkeys(p.domain for p in prompts)), n_predict=spec.n_predict,
         repetitions=spec.repetitions, warmup=spec.warmup, seed=SEED, spread=SPREAD_METHOD,
         configs=tuple(configs),
-        notes=_notes(devices, DEMO_TAG in metadata.get("general.tags", ()), has_head, threads))
+        notes=_notes(devices, DEMO_TAG in metadata.get("general.tags", ()), has_head, threads, load_before))
 
 
-def _run_config(tools: LlamaCpp, args: list[str], prompts: Sequence[BenchPrompt], spec: BenchSpec, threads: int
-                ) -> tuple[list[Sample], dict[str, list[tuple[int, ...]]]]:
+def _run_config(tools: LlamaCpp, args: list[str], requests: Sequence[tuple[BenchPrompt, dict[str, Any]]],
+                spec: BenchSpec, threads: int) -> tuple[list[Sample], dict[str, list[tuple[int, ...]]]]:
     """All prompts x repetitions against one server; returns the samples and each prompt's tokens per repetition.
 
     Repetitions are the outer loop so slow drift on a shared machine spreads over all prompts alike.
     """
     samples: list[Sample] = []
-    tokens: dict[str, list[tuple[int, ...]]] = {p.id: [] for p in prompts}
+    tokens: dict[str, list[tuple[int, ...]]] = {prompt.id: [] for prompt, _ in requests}
     with llama_server(tools, args, timeout=spec.timeout_s, threads=threads) as server:
         for _ in range(spec.warmup):
-            _request(server, prompts[0].prompt, spec)
+            server.completion(requests[0][1], timeout=spec.timeout_s)
         for repetition in range(spec.repetitions):
-            for prompt in prompts:
-                body = _request(server, prompt.prompt, spec)
+            for prompt, payload in requests:
+                body = server.completion(payload, timeout=spec.timeout_s)
                 samples.append(parse_sample(body, prompt, repetition))
                 tokens[prompt.id].append(tuple(body.get("tokens") or ()))
     return samples, tokens
 
 
-def _request(server: RunningServer, prompt: str, spec: BenchSpec) -> dict[str, Any]:
-    return server.completion(greedy_request(prompt, spec.n_predict), timeout=spec.timeout_s)
+def greedy_mismatches(plain: dict[str, list[tuple[int, ...]]], runs: dict[str, list[tuple[int, ...]]]
+                      ) -> tuple[str, ...]:
+    """The prompts where any repetition's tokens differ from plain decoding's first repetition."""
+    return tuple(sorted(prompt_id for prompt_id, repetitions in runs.items()
+                        if any(tokens != plain[prompt_id][0] for tokens in repetitions)))
 
 
 def parse_sample(body: dict[str, Any], prompt: BenchPrompt, repetition: int) -> Sample:
@@ -338,8 +350,15 @@ def _gpu_devices(tools: LlamaCpp) -> list[str]:
     return [line.strip() for line in lines if line.strip() and line.strip() != "(none)"]
 
 
-def _notes(devices: Sequence[str], demo_model: bool, has_head: bool, threads: int) -> tuple[str, ...]:
+def _notes(devices: Sequence[str], demo_model: bool, has_head: bool, threads: int, load_before: float
+           ) -> tuple[str, ...]:
     notes = []
+    cores = os.cpu_count() or 1
+    # The load before our server starts is other work; with our threads on top it oversubscribes the cores.
+    if load_before + threads > cores + 0.5:
+        notes.append(f"The machine was busy (1-minute load average {load_before:.1f} before measuring, {threads} "
+                     f"threads on {cores} cores): other processes competed for the CPU, which widens the spread "
+                     "and lowers the medians.")
     if not devices:
         notes.append(f"Measured on CPU only ({threads} threads, no offload). On CPU, verifying k drafted tokens "
                      "costs nearly k decoding steps for quantized weights, so draft-mtp can be slower than plain "
