@@ -1,0 +1,51 @@
+"""The stage cache: content keys, reuse only while every output is intact, JSON only."""
+
+from pathlib import Path
+
+from flows.cache import StageCache, cache_key
+from mtpress.stages.gguf_files import GgufFile
+
+
+def gguf(path: Path, payload: bytes) -> GgufFile:
+    path.write_bytes(payload)
+    return GgufFile(path=path, name=path.name, layout="sidecar", role="model", quant="Q4_K_M", size=len(payload),
+                    sha256="ab" * 32, nextn_layers=0, block_count=8, tensor_count=3, parameters=10,
+                    head_tensor_types=())
+
+
+def test_a_second_run_with_the_same_key_reuses_the_result(tmp_path):
+    calls = []
+
+    def stage(n):
+        calls.append(n)
+        return [gguf(tmp_path / f"m{n}.gguf", b"x" * n)]
+
+    first = StageCache(tmp_path).run("quantize", cache_key("sha", "Q4_K_M"), stage, 5)
+    cache = StageCache(tmp_path)  # a new process sees the same entries
+    second = cache.run("quantize", cache_key("sha", "Q4_K_M"), stage, 5)
+    assert calls == [5] and second == first and cache.hits == ["quantize"]
+    assert not list((tmp_path / ".mtpress-cache").glob("*.pickle"))
+
+
+def test_a_changed_input_or_a_touched_output_reruns(tmp_path):
+    calls = []
+
+    def stage():
+        calls.append(1)
+        return [gguf(tmp_path / "m.gguf", b"model")]
+
+    cache = StageCache(tmp_path)
+    cache.run("convert", cache_key("a"), stage)
+    cache.run("convert", cache_key("b"), stage)
+    assert len(calls) == 2
+    (tmp_path / "m.gguf").write_bytes(b"damaged!")
+    cache.run("convert", cache_key("b"), stage)
+    assert len(calls) == 3
+    (tmp_path / "m.gguf").unlink()
+    cache.run("convert", cache_key("b"), stage)
+    assert len(calls) == 4 and cache.hits == []
+
+
+def test_keys_depend_on_content_not_order_of_dict_keys():
+    assert cache_key({"a": 1, "b": 2}) == cache_key({"b": 2, "a": 1})
+    assert cache_key("sha1") != cache_key("sha2")
