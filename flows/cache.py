@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mtpress.fsutil import write_text_atomic
+from mtpress.stages.bench import BenchResult, ConfigResult, Figures, Sample, Spread
 from mtpress.stages.gguf_files import GgufFile
+from mtpress.stages.quality import Estimate, QualityResult, QuantQuality
 from mtpress.stages.smoke import SmokeResult
 
 T = TypeVar("T")
 # What a cache entry may hold; results are stored as JSON (never pickles) and rebuilt by type name.
-RESULT_TYPES = {cls.__name__: cls for cls in (GgufFile, SmokeResult)}
+RESULT_TYPES = {cls.__name__: cls for cls in (GgufFile, SmokeResult, BenchResult, ConfigResult, Figures, Sample,
+                                              Spread, QualityResult, QuantQuality, Estimate)}
 # A stored result whose type has since gained or lost fields must not be decoded: it is part of every key.
 RESULT_SCHEMA = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in RESULT_TYPES.items()}
 CACHE_DIR = ".mtpress-cache"
@@ -60,21 +63,28 @@ def _flatten(value: Any) -> list[Any]:
 
 
 def _encode(value: Any) -> Any:
-    if isinstance(value, list):
+    if dataclasses.is_dataclass(value):
+        return {"type": type(value).__name__,
+                **{f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}}
+    if isinstance(value, (list, tuple)):
         return [_encode(v) for v in value]
-    fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    return {"type": type(value).__name__, **{k: str(v) if isinstance(v, Path) else v for k, v in fields.items()}}
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    return str(value) if isinstance(value, Path) else value
 
 
-def _decode(value: Any) -> Any:
+def _decode(value: Any, *, top: bool = True) -> Any:
+    """The inverse of _encode; sequences inside results are tuples (the result types are frozen)."""
     if isinstance(value, list):
-        return [_decode(v) for v in value]
-    cls = RESULT_TYPES[value.pop("type")]
-    kwargs = {}
-    for field in dataclasses.fields(cls):
-        raw = value[field.name]
-        kwargs[field.name] = Path(raw) if field.name == "path" else tuple(raw) if isinstance(raw, list) else raw
-    return cls(**kwargs)
+        items = [_decode(v, top=False) for v in value]
+        return items if top else tuple(items)
+    if isinstance(value, dict) and value.get("type") in RESULT_TYPES:
+        cls = RESULT_TYPES[value["type"]]
+        return cls(**{f.name: Path(value[f.name]) if f.name == "path" else _decode(value[f.name], top=False)
+                      for f in dataclasses.fields(cls)})
+    if isinstance(value, dict):
+        return {k: _decode(v, top=False) for k, v in value.items()}
+    return value
 
 
 def _stat(path: Path) -> tuple[int, int]:

@@ -30,7 +30,7 @@ from mtpress.fsutil import dir_digest, remove_stale_partials, sha256_file
 from mtpress.hub.client import hub_api
 from mtpress.manifest import hardware, jsonable, read_manifest, write_manifest
 from mtpress.schema import ReleaseConfig, Source, load_release_config
-from mtpress.stages import convert, download, inject, quantize, smoke
+from mtpress.stages import bench, convert, download, inject, quality, quantize, smoke
 from mtpress.stages.card import render_card, write_card
 from mtpress.stages.gguf_files import GgufFile
 from mtpress.stages.preflight import check_disk_space, planned_output_bytes
@@ -44,6 +44,8 @@ quantize_task = task(quantize.quantize, name="quantize")
 smoke_task = task(smoke.smoke, name="smoke", retries=1)
 toolchain_task = task(resolve_toolchain, name="toolchain")
 render_card_task = task(render_card, name="card")
+bench_task = task(bench.bench, name="bench")
+quality_task = task(quality.quality, name="quality")
 # Retries are safe: a failed commit leaves the repo unchanged and unchanged files are never re-sent.
 publish_task = task(publish_stage, name="publish", retries=2, retry_delay_seconds=[10, 60])
 
@@ -94,7 +96,9 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
     check_disk_space(release_dir, planned_output_bytes(injected.model, arch, cfg))
     cache = StageCache(release_dir)
     model_digest = dir_digest(injected.model.path)
-    steps = len(cfg.layouts) * (1 + len(cfg.quants)) * 2
+    steps = len(cfg.layouts) * (1 + len(cfg.quants)) * 2 + int(cfg.quality.enabled)
+    if cfg.bench.enabled:
+        steps += len([q for q in ("BF16", *cfg.quants) if cfg.bench.quants is None or q in cfg.bench.quants])
     progress = create_progress_artifact(0.0, key=_key(cfg.name, "progress"), description="release build progress")
     done = 0
 
@@ -127,6 +131,27 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
             key = cache_key(model.sha256, head.sha256 if head else None, cfg.smoke.model_dump(), tools.version)
             smoke_results.append(cache.run("smoke", key, smoke_task, model, head, cfg.smoke, tools))
         advance(f"smoke {model.layout}/{model.name}: identical tokens, drafted {smoke_results[-1].drafted}")
+
+    root_layout = [f for f in files if f.layout == cfg.layouts[0]]
+    bench_results = []
+    if cfg.bench.enabled:
+        # One layout is enough: both hold the same weights (quality and speed were checked to agree).
+        for model, head in pair_models_with_heads(root_layout):
+            if cfg.bench.quants is None or model.quant in cfg.bench.quants:
+                with watch.time("bench"):
+                    key = cache_key(model.sha256, head.sha256 if head else None, cfg.bench.model_dump(mode="json"),
+                                    tools.version)
+                    bench_results.append(cache.run("bench", key, bench_task, model, head, cfg.bench, tools))
+                advance(f"bench {model.name}")
+    quality_result = None
+    if cfg.quality.enabled:
+        models = [f for f in root_layout if f.role == "model"]
+        bf16 = next(f for f in models if f.quant == "BF16")
+        with watch.time("quality"):
+            key = cache_key([f.sha256 for f in models], cfg.quality.model_dump(mode="json"), tools.version)
+            quality_result = cache.run("quality", key, quality_task, bf16, [f for f in models if f is not bf16],
+                                       cfg.quality, tools, work)
+        advance("quality: perplexity and KL-divergence against BF16")
     update_progress_artifact(progress, 100.0)
 
     manifest_path = write_manifest(release_dir, {
@@ -143,6 +168,10 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
                    "bytes_written": injected.bytes_written},
         "files": [{"path": f.path.relative_to(release_dir).as_posix(), **jsonable(f)} for f in files],
         "smoke": smoke_results,
+        "bench": [row for result in bench_results for row in result.table()],
+        "quality": quality_result.table() if quality_result else None,
+        "bench_details": bench_results,
+        "quality_details": quality_result,
         "stage_seconds": watch.seconds,
         "cache_hits": cache.hits,
     })
@@ -153,6 +182,12 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
                           table=[{"file": s.model, "layout": s.layout, "identical": s.tokens_identical,
                                   "drafted": s.drafted, "accepted": s.accepted,
                                   "acceptance": round(s.acceptance or 0, 3)} for s in smoke_results])
+    if bench_results:
+        create_table_artifact(key=_key(cfg.name, "bench"), table=[r for b in bench_results for r in b.table()],
+                              description="bench: tokens/s median and IQR, acceptance, speedup, bound")
+    if quality_result:
+        create_table_artifact(key=_key(cfg.name, "quality"), table=quality_result.table(),
+                              description="quality: perplexity and KL-divergence against BF16")
     card = render_card_task(read_manifest(release_dir))
     write_card(release_dir, card)
     create_markdown_artifact(card.files["README.md"], key=_key(cfg.name, "card"), description="model card preview")

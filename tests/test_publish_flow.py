@@ -8,6 +8,7 @@ from gguf import GGUFReader
 
 from mtpress.demo.run import seed_upstream_repos
 from mtpress.hub.client import hub_api
+from mtpress.stages.gguf_files import read_facts
 
 pytestmark = pytest.mark.slow
 DEMO = Path(__file__).resolve().parent.parent / "model_configs" / "demo.yaml"
@@ -44,15 +45,25 @@ def test_every_layout_has_bf16_and_four_quants(release):
 
 def test_files_carry_the_head_as_their_layout_demands(release):
     for record in release["manifest"]["files"]:
-        reader = GGUFReader(release["dir"] / record["path"])
-        nextn = reader.get_field("qwen35.nextn_predict_layers")
-        head_tensors = [t.name for t in reader.tensors if t.name.startswith("blk.8.nextn")]
+        facts = read_facts(release["dir"] / record["path"], head_block=8)
+        nextn_tensors = [n for n in facts.head_block_tensors if ".nextn." in n]
         if record["layout"] == "sidecar" and record["role"] == "model":
-            assert nextn is None or nextn.contents() == 0
-            assert not head_tensors
+            assert facts.nextn_layers == 0 and not facts.head_block_tensors
             assert (release["dir"] / record["path"]).with_name("mtp-" + record["name"]).is_file()
         else:
-            assert nextn.contents() == 1 and head_tensors, record["path"]
+            assert facts.nextn_layers == 1 and len(nextn_tensors) == 4, record["path"]
+
+
+@pytest.mark.parametrize("path", ["embedded/Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf",
+                                  "Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf"])
+def test_the_gguf_library_agrees_with_our_header_reader(release, path):
+    """An independent check with llama.cpp's own gguf-py reader (slow at this vocabulary, so two files)."""
+    reader = GGUFReader(release["dir"] / path)
+    record = next(f for f in release["manifest"]["files"] if f["path"] == path)
+    nextn = reader.get_field("qwen35.nextn_predict_layers")
+    assert (nextn.contents() if nextn else 0) == record["nextn_layers"]
+    assert len(reader.tensors) == record["tensor_count"]
+    assert sum(int(t.n_elements) for t in reader.tensors) == record["parameters"]
 
 
 def test_head_kept_at_q8_0_in_low_bit_quants(release):
@@ -165,3 +176,24 @@ def _contains(path: Path, needle: bytes, chunk: int = 64 * 2**20) -> bool:
                 return True
             tail = block[-len(needle):]
     return False
+
+
+def test_bench_and_quality_are_measured_with_spread_and_hardware(release):
+    manifest = release["manifest"]
+    rows = manifest["bench"]
+    assert {(r["quant"], r["config"]) for r in rows} == {
+        (q, c) for q in ("BF16", "Q4_K_M") for c in ("plain", "mtp-k1", "mtp-k2", "mtp-k3")}
+    for detail in manifest["bench_details"]:
+        assert detail["repetitions"] == 3 and detail["hardware"]["cores"] and detail["hardware"]["threads"]
+        for config in detail["configs"]:
+            spread = config["overall"]["generation_per_second"]
+            assert spread["n"] >= 3 and spread["min"] <= spread["median"] <= spread["max"]
+            if config["draft_n_max"]:
+                alpha = config["overall"]["acceptance"]
+                assert 0 < alpha <= 1 and config["matches_plain"] is True
+                k = config["draft_n_max"]
+                assert config["overall"]["acceptance_bound"] == pytest.approx(sum(alpha**i for i in range(k + 1)))
+    quality = {r["quant"]: r for r in manifest["quality"]}
+    assert set(quality) == {"BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"}
+    card = (release["dir"] / "README.md").read_text(encoding="utf-8")
+    assert "mtp-k2" in card and "Speed benchmark:** not measured" not in card

@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtpress.errors import ConfigError
+from mtpress.stages.bench import BenchSpec
+from mtpress.stages.quality import QualitySpec
 
 # llama-quantize's own type names (tools/quantize/quantize.cpp) that we publish, with the
 # nominal bits the -hf downloader reads from a name when pairing siblings.
@@ -88,6 +90,8 @@ class ReleaseConfig(StrictModel):
     quants: tuple[str, ...] = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
     head_type: str | None = Field(default=None, description="keep the MTP head's tensors at this type (e.g. Q8_0)")
     smoke: SmokeSpec = SmokeSpec()
+    bench: BenchSpec = BenchSpec()
+    quality: QualitySpec = QualitySpec()
 
     @field_validator("name")
     @classmethod
@@ -122,6 +126,13 @@ class ReleaseConfig(StrictModel):
         if value is not None and value not in QUANT_TYPES:
             raise ValueError(f"unknown quant type {value!r}; expected one of {', '.join(QUANT_TYPES)}")
         return value
+
+    @model_validator(mode="after")
+    def _bench_quants_are_built(self) -> ReleaseConfig:
+        unknown = sorted(set(self.bench.quants or ()) - {"BF16", *self.quants})
+        if unknown:
+            raise ValueError(f"bench.quants names {', '.join(unknown)}, which the release does not build")
+        return self
 
     @field_validator("layouts")
     @classmethod
@@ -163,6 +174,10 @@ def _describe(err: dict) -> str:
 def _resolve_paths(config: ReleaseConfig, base: Path) -> ReleaseConfig:
     """Local source paths are relative to the config file, so configs work from any directory."""
     updates = {}
+    for section, key in (("bench", "prompts"), ("quality", "calibration")):
+        spec = getattr(config, section)
+        if getattr(spec, key) is not None and not getattr(spec, key).is_absolute():
+            updates[section] = spec.model_copy(update={key: (base / getattr(spec, key)).resolve()})
     for field in ("finetune", "donor"):
         source = getattr(config, field)
         if source is not None and source.path is not None and not source.path.is_absolute():

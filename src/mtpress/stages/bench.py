@@ -22,13 +22,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-from gguf import GGUFReader
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mtpress.errors import ConfigError, ToolchainError
 from mtpress.fsutil import sha256_file
 from mtpress.manifest import hardware
-from mtpress.stages.gguf_files import GgufFile
+from mtpress.stages.gguf_files import GgufFile, gguf_metadata
 from mtpress.toolchain import LlamaCpp, run_tool
 from mtpress.toolchain.server import llama_server
 
@@ -44,7 +43,7 @@ class BenchSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: bool = True
+    enabled: bool = True  # the flow runs the stage only when true
     draft_lengths: tuple[Annotated[int, Field(ge=1, le=8)], ...] = (1, 2, 3)
     repetitions: Annotated[int, Field(ge=1, le=50)] = 3
     warmup: Annotated[int, Field(ge=0, le=10)] = 1
@@ -52,6 +51,8 @@ class BenchSpec(BaseModel):
     prompts: Path | None = Field(default=None, description="JSONL of {id, domain, prompt}; default: the shipped set")
     threads: Annotated[int, Field(ge=1)] | None = None  # None: every core, as llama-server's default
     timeout_s: Annotated[float, Field(gt=0)] = 600.0  # per server start and per request
+    quants: tuple[str, ...] | None = None  # which model files of the release's first layout; None: all of them
+    per_domain: Annotated[int, Field(ge=1)] | None = None  # the first N prompts of each domain; None: every prompt
 
     @field_validator("draft_lengths")
     @classmethod
@@ -223,15 +224,28 @@ def load_prompts(path: Path | None = None) -> tuple[BenchPrompt, ...]:
     return tuple(prompts)
 
 
+def first_per_domain(prompts: Sequence[BenchPrompt], limit: int | None) -> tuple[BenchPrompt, ...]:
+    """The first ``limit`` prompts of each domain, in file order (all of them when ``limit`` is None)."""
+    if limit is None:
+        return tuple(prompts)
+    taken: dict[str, int] = {}
+    kept = []
+    for prompt in prompts:
+        taken[prompt.domain] = taken.get(prompt.domain, 0) + 1
+        if taken[prompt.domain] <= limit:
+            kept.append(prompt)
+    return tuple(kept)
+
+
 def bench(model: GgufFile, head: GgufFile | None, spec: BenchSpec, tools: LlamaCpp) -> BenchResult:
     """Measure ``model`` (with its sidecar ``head``, if any) plain and with draft-mtp at each draft length."""
     # Deferred: smoke imports the schema, which imports BenchSpec from this module.
     from mtpress.stages.smoke import SEED, greedy_request, server_args
 
-    prompts = load_prompts(spec.prompts)
+    prompts = first_per_domain(load_prompts(spec.prompts), spec.per_domain)
     requests = [(prompt, greedy_request(prompt.prompt, spec.n_predict)) for prompt in prompts]
     threads = spec.threads or os.cpu_count() or 2
-    metadata = _gguf_metadata(model.path)
+    metadata = gguf_metadata(model.path, ("general.size_label", "general.tags"))
     has_head = head is not None or model.nextn_layers > 0
     draft_lengths = spec.draft_lengths if has_head else ()
 
@@ -335,12 +349,6 @@ def figures_for(scope: str, samples: Sequence[Sample], k: int, plain_generation_
                    prompt_per_second=summarize([s.prompt_per_second for s in samples]),
                    generation_per_second=generation, drafted=drafted, accepted=accepted, acceptance=alpha,
                    speedup=speedup, acceptance_bound=acceptance_bound(alpha, k) if alpha is not None else None)
-
-
-def _gguf_metadata(path: Path) -> dict[str, Any]:
-    reader = GGUFReader(path)
-    return {key: reader.get_field(key).contents() for key in ("general.size_label", "general.tags")
-            if reader.get_field(key) is not None}
 
 
 def _gpu_devices(tools: LlamaCpp) -> list[str]:

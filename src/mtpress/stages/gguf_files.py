@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import struct
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, BinaryIO, Literal
 
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType
 
-from mtpress.errors import QualityGateError
+from mtpress.errors import CorruptCheckpointError, QualityGateError
 
 Role = Literal["model", "head"]
 
@@ -42,14 +45,14 @@ class GgufFacts:
 
 
 def read_facts(path: Path, *, head_block: int) -> GgufFacts:
-    reader = GGUFReader(path)
-    arch = _string(reader, "general.architecture")
-    block_count = _int(reader, f"{arch}.block_count")
-    nextn = _int(reader, f"{arch}.nextn_predict_layers")
+    arch_key = "general.architecture"
+    arch = gguf_metadata(path, (arch_key,)).get(arch_key, "")
+    keys = (f"{arch}.block_count", f"{arch}.nextn_predict_layers")
+    metadata, tensors = read_gguf_header(path, keys)
     prefix = f"blk.{head_block}."
-    head = {t.name: t.tensor_type.name for t in reader.tensors if t.name.startswith(prefix)}
-    parameters = sum(int(t.n_elements) for t in reader.tensors)
-    return GgufFacts(arch, block_count, nextn, len(reader.tensors), parameters, head)
+    head = {name: kind for name, kind, _ in tensors if name.startswith(prefix)}
+    return GgufFacts(arch, int(metadata.get(keys[0], 0)), int(metadata.get(keys[1], 0)), len(tensors),
+                     sum(n for _, _, n in tensors), head)
 
 
 def verify_head(path: Path, facts: GgufFacts, *, role: Role, layout: str, mtp_layers: int) -> None:
@@ -64,15 +67,65 @@ def verify_head(path: Path, facts: GgufFacts, *, role: Role, layout: str, mtp_la
                                hint="convert the trunk with --no-mtp")
 
 
-def _field(reader: GGUFReader, key: str):
-    field = reader.get_field(key)
-    return None if field is None else field.contents()
+# The GGUF header, read directly: gguf.GGUFReader decodes every field, the 248k-entry vocabulary arrays
+# included (~30 s per file on a busy 2-core machine), when we need a few keys and the tensor list.
+GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+GGUF_STRING, GGUF_ARRAY = 8, 9
 
 
-def _string(reader: GGUFReader, key: str) -> str:
-    return str(_field(reader, key))
+def gguf_metadata(path: Path, keys: Collection[str]) -> dict[str, Any]:
+    """The values of ``keys`` in a GGUF's header (absent keys are left out); other values are skipped unread."""
+    return _read_header(path, keys, with_tensors=False)[0]
 
 
-def _int(reader: GGUFReader, key: str) -> int:
-    value = _field(reader, key)
-    return int(value) if value is not None else 0
+def read_gguf_header(path: Path, keys: Collection[str]) -> tuple[dict[str, Any], list[tuple[str, str, int]]]:
+    """``keys``' values and every tensor as (name, ggml type name, element count)."""
+    return _read_header(path, keys, with_tensors=True)
+
+
+def _read_header(path: Path, keys: Collection[str], *, with_tensors: bool
+                 ) -> tuple[dict[str, Any], list[tuple[str, str, int]]]:
+    found: dict[str, Any] = {}
+    tensors: list[tuple[str, str, int]] = []
+    with path.open("rb") as f:
+        magic, _version, tensor_count, kv_count = struct.unpack("<4sIQQ", f.read(24))
+        if magic != b"GGUF":
+            raise CorruptCheckpointError(f"{path} is not a GGUF file", hint="the file is damaged; rerun its stage")
+        for _ in range(kv_count):
+            key = _gguf_value(f, GGUF_STRING, decode=True)
+            value = _gguf_value(f, struct.unpack("<I", f.read(4))[0], decode=key in keys)
+            if key in keys:
+                found[key] = value
+                if len(found) == len(keys) and not with_tensors:
+                    break
+        for _ in range(tensor_count if with_tensors else 0):
+            name = _gguf_value(f, GGUF_STRING, decode=True)
+            (n_dims,) = struct.unpack("<I", f.read(4))
+            dims = struct.unpack(f"<{n_dims}Q", f.read(8 * n_dims))
+            kind, _offset = struct.unpack("<IQ", f.read(12))
+            count = 1
+            for d in dims:
+                count *= d
+            tensors.append((name, GGMLQuantizationType(kind).name, count))
+    return found, tensors
+
+
+def _gguf_value(f: BinaryIO, value_type: int, *, decode: bool) -> Any:
+    if value_type in GGUF_SCALARS:
+        fmt = GGUF_SCALARS[value_type]
+        raw = f.read(struct.calcsize(fmt))
+        return struct.unpack(fmt, raw)[0] if decode else None
+    if value_type == GGUF_STRING:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if decode:
+            return f.read(length).decode("utf-8", errors="replace")
+        f.seek(length, os.SEEK_CUR)
+        return None
+    if value_type == GGUF_ARRAY:
+        item_type, count = struct.unpack("<IQ", f.read(12))
+        if not decode and item_type in GGUF_SCALARS:
+            f.seek(count * struct.calcsize(GGUF_SCALARS[item_type]), os.SEEK_CUR)
+            return None
+        items = [_gguf_value(f, item_type, decode=decode) for _ in range(count)]
+        return items if decode else None
+    raise CorruptCheckpointError(f"unknown GGUF value type {value_type}", hint="the file is damaged; rerun its stage")

@@ -1,0 +1,251 @@
+"""Perplexity and KL-divergence of every quant against the BF16 file, with llama-perplexity.
+
+The BF16 model runs once over the calibration text with ``--kl-divergence-base FILE``, which
+records its perplexity and writes its log-probabilities; each quant then runs with
+``--kl-divergence`` against that file. The file is large (about ctx/2 x vocabulary x 2 bytes per
+chunk: ~500 MB for 16 chunks of 128 tokens at Qwen3.5's 248k vocabulary), so it lives in
+``work_dir`` only for the duration of the stage.
+
+Also here: ``compute_imatrix``, the importance matrix (llama-imatrix, MTP head included) that
+low-bit and IQ quants are made with when the config asks for it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mtpress.errors import ConfigError, ToolchainError
+from mtpress.fsutil import sha256_file
+from mtpress.stages.bench import DEMO_TAG, gguf_metadata
+from mtpress.stages.gguf_files import GgufFile
+from mtpress.toolchain import LlamaCpp, run_tool
+
+CALIBRATION_RESOURCE = "data/calibration.txt"
+# llama-quantize refuses these without an importance matrix: they produce IQ2_S / IQ3_XXS tensors
+# (tensor_requires_imatrix in src/llama-quant.cpp).
+IMATRIX_REQUIRED = frozenset({"IQ2_M", "IQ3_XXS"})
+
+
+class QualitySpec(BaseModel):
+    """How to measure quality; the release config's ``quality:`` section."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True  # the flow runs the stage only when true
+    calibration: Path | None = Field(default=None, description="plain text; default: the shipped calibration.txt")
+    ctx_size: Annotated[int, Field(ge=16, le=8192)] = 128
+    chunks: Annotated[int, Field(ge=1)] = 16  # at most; a short text yields fewer (tokens // ctx_size)
+    threads: Annotated[int, Field(ge=1)] | None = None  # None: every core
+    timeout_s: Annotated[float, Field(gt=0)] = 3 * 3600.0  # per tool run
+    imatrix_quants: tuple[str, ...] = Field(default=(), description="quant types made with an importance matrix; "
+                                            f"{', '.join(sorted(IMATRIX_REQUIRED))} always are")
+
+    @field_validator("imatrix_quants")
+    @classmethod
+    def _known_quants(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from mtpress.schema import QUANT_TYPES  # deferred: the schema imports this module
+
+        unknown = [q for q in value if q not in QUANT_TYPES or q in ("BF16", "F16")]
+        if unknown:
+            raise ValueError(f"not quant types that take an importance matrix: {', '.join(unknown)}")
+        return value
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A figure as llama-perplexity prints it: value, its ± uncertainty (None where it prints none), unit."""
+
+    value: float
+    error: float | None = None
+    unit: str = ""
+
+
+@dataclass(frozen=True)
+class QuantQuality:
+    """One quant against BF16. ``statistics`` holds every line of llama-perplexity's summary, by label."""
+
+    model: str
+    quant: str
+    layout: str
+    ppl: Estimate  # Mean PPL(Q)
+    ppl_ratio: Estimate  # Mean PPL(Q)/PPL(base)
+    kld_mean: Estimate
+    kld_median: float
+    kld_p99: float
+    kld_max: float
+    same_top_p: Estimate  # % of tokens where the quant's top token is BF16's
+    rms_delta_p: Estimate  # RMS of the change in the correct token's probability, %
+    chunks: int
+    statistics: dict[str, Estimate]
+
+
+@dataclass(frozen=True)
+class QualityResult:
+    base_model: str
+    base_ppl: Estimate  # BF16's own perplexity, from its full-precision logits
+    calibration: str
+    calibration_sha256: str
+    ctx_size: int
+    chunks: int
+    tokens_scored: int  # llama-perplexity scores the second half of each chunk
+    base_logits_bytes: int
+    llama_cpp: str
+    quants: tuple[QuantQuality, ...]
+    notes: tuple[str, ...]
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per file, BF16 first, for a Prefect table artifact or the card."""
+        rows = [{"file": self.base_model, "quant": "BF16", "PPL": _fmt(self.base_ppl), "PPL(Q)/PPL(base)": "1",
+                 "mean KLD": "0", "median KLD": "0", "99% KLD": "0", "same top p %": "100"}]
+        return rows + [{"file": q.model, "quant": q.quant, "PPL": _fmt(q.ppl), "PPL(Q)/PPL(base)": _fmt(q.ppl_ratio),
+                        "mean KLD": _fmt(q.kld_mean), "median KLD": f"{q.kld_median:.6f}",
+                        "99% KLD": f"{q.kld_p99:.6f}", "same top p %": _fmt(q.same_top_p)}
+                       for q in self.quants]
+
+
+def calibration_file(spec: QualitySpec) -> Path:
+    return spec.calibration or Path(str(resources.files("mtpress").joinpath(CALIBRATION_RESOURCE)))
+
+
+def uses_imatrix(quant: str, spec: QualitySpec) -> bool:
+    """Whether ``quant`` is made with an importance matrix: asked for, or required by llama-quantize."""
+    return quant in spec.imatrix_quants or quant in IMATRIX_REQUIRED
+
+
+def quality(bf16: GgufFile, quants: list[GgufFile], spec: QualitySpec, tools: LlamaCpp,
+            work_dir: Path) -> QualityResult:
+    """Measure each model file in ``quants`` against ``bf16``; the base-logits file is deleted afterwards."""
+    if heads := [q.name for q in [bf16, *quants] if q.role == "head"]:
+        raise ValueError(f"quality compares model files, not MTP heads: {', '.join(heads)}")
+    calibration = calibration_file(spec)
+    threads = str(spec.threads or os.cpu_count() or 2)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    base_logits = work_dir / f"{bf16.path.stem}.kld-base"
+    # One sequence per batch (-b = -c): the default batch of 2048 would hold 16 sequences of logits at once,
+    # 2 GB at a 248k vocabulary.
+    window = ["-c", str(spec.ctx_size), "-b", str(spec.ctx_size), "-t", threads]
+    perplexity = tools.tool("llama-perplexity")
+    try:
+        base_output = _run([perplexity, "-m", bf16.path, "-f", calibration, "--chunks", str(spec.chunks),
+                            "--kl-divergence-base", base_logits, *window], spec, calibration)
+        base_ppl, chunks = parse_base_run(base_output)
+        base_logits_bytes = base_logits.stat().st_size
+        results = tuple(
+            parse_kl_run(_run([perplexity, "-m", q.path, "--kl-divergence-base", base_logits, "--kl-divergence",
+                               *window], spec, calibration), q)
+            for q in quants)
+    finally:
+        base_logits.unlink(missing_ok=True)
+    notes = ["KL-divergence compares each quant's token distributions with BF16's over the second half of each "
+             f"{spec.ctx_size}-token chunk ({chunks} chunks). llama-perplexity stores BF16's log-probabilities in 16 "
+             "bits, floored at 16 nats below the top token's: statistics printed as PPL(base) come from that copy, "
+             "while base_ppl is BF16's own."]
+    if DEMO_TAG in gguf_metadata(bf16.path, ("general.tags",)).get("general.tags", ()):
+        notes.append(f"The model is tagged {DEMO_TAG}: a tiny synthetic checkpoint whose perplexity on real text is "
+                     "astronomically high; these figures exercise the pipeline and mean nothing for a real model.")
+    return QualityResult(base_model=bf16.name, base_ppl=base_ppl,
+                         calibration=(f"mtpress/{CALIBRATION_RESOURCE}" if spec.calibration is None
+                                      else str(spec.calibration)),
+                         calibration_sha256=sha256_file(calibration), ctx_size=spec.ctx_size, chunks=chunks,
+                         tokens_scored=chunks * (spec.ctx_size - 1 - spec.ctx_size // 2),
+                         base_logits_bytes=base_logits_bytes, llama_cpp=tools.version, quants=results,
+                         notes=tuple(notes))
+
+
+def compute_imatrix(bf16: GgufFile, head: GgufFile | None, spec: QualitySpec, tools: LlamaCpp,
+                    work_dir: Path) -> Path:
+    """Write ``imatrix-<model>.gguf`` in ``work_dir`` from the calibration text and return its path.
+
+    The MTP head's tensors are covered too: ``--nextn`` for a model that embeds the head, ``-md`` for a
+    sidecar head (which is then quantized with the same file). Both need one sequence per batch.
+    """
+    calibration = calibration_file(spec).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    out = (work_dir / f"imatrix-{bf16.path.stem}.gguf").resolve()
+    # The imatrix records the text's path as given (imatrix.datasets); run beside the text so a published
+    # imatrix names the file, not this machine's directories.
+    argv = [tools.tool("llama-imatrix"), "-m", bf16.path.resolve(), "-f", calibration.name, "-o", out, "--no-ppl",
+            "-c", str(spec.ctx_size), "-b", str(spec.ctx_size), "--chunks", str(spec.chunks),
+            "-t", str(spec.threads or os.cpu_count() or 2)]
+    if head is not None:
+        argv += ["-md", head.path.resolve()]
+    elif bf16.nextn_layers:
+        argv += ["--nextn"]
+    _run(argv, spec, calibration, cwd=calibration.parent)
+    if not out.is_file():
+        raise ToolchainError(f"llama-imatrix exited without writing {out}")
+    return out
+
+
+def _run(argv: list[Any], spec: QualitySpec, calibration: Path, cwd: Path | None = None) -> str:
+    output = run_tool(argv, timeout=spec.timeout_s, cwd=cwd)
+    if match := re.search(r"you need at least (\d+) tokens", output):
+        raise ConfigError(str(calibration), [f"too short for ctx_size {spec.ctx_size}: llama.cpp needs at least "
+                                             f"{match.group(1)} tokens"],
+                          hint="lower quality.ctx_size or use a longer calibration text")
+    return output
+
+
+# PARSING llama-perplexity's output (tools/perplexity/perplexity.cpp)
+
+BASE_PPL = re.compile(r"Final estimate: PPL = ([-\d.eE+]+|nan|inf) \+/- ([-\d.eE+]+|nan|inf)")
+CHUNKS = re.compile(r"(?:calculating perplexity|computing) over (\d+) chunks, n_ctx=(\d+)")
+STATISTICS_START = "====== Perplexity statistics ======"
+NUMBER = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)"
+# "Mean    KLD:   1.543355 ±   0.145239", "99.9%   KLD:  14.184122", "Same top p: 61.310 ± 2.172 %",
+# "Cor(ln(PPL(Q)), ln(PPL(base))):  59.72%"; labels end at the last ':' of the line.
+STATISTIC = re.compile(rf"^(?P<label>.+?)\s*:\s*(?P<value>{NUMBER})\s*(?P<unit>%?)"
+                       rf"(?:\s*±\s*(?P<error>{NUMBER})\s*(?P<error_unit>%?))?\s*$")
+
+
+def parse_base_run(output: str) -> tuple[Estimate, int]:
+    """BF16's perplexity (``Final estimate: PPL = X +/- Y``) and the number of chunks it covered."""
+    ppl = BASE_PPL.search(output)
+    chunks = CHUNKS.search(output)
+    if not ppl or not chunks:
+        raise ToolchainError("llama-perplexity printed no final perplexity estimate for the BF16 model; output "
+                             f"tail:\n{output[-1500:]}")
+    return Estimate(float(ppl.group(1)), float(ppl.group(2))), int(chunks.group(1))
+
+
+def parse_statistics(output: str) -> dict[str, Estimate]:
+    """Every ``label: value [± error] [%]`` line from the statistics sections, labels with spaces collapsed."""
+    start = output.find(STATISTICS_START)
+    if start < 0:
+        return {}
+    statistics: dict[str, Estimate] = {}
+    for line in output[start:].splitlines():
+        if match := STATISTIC.match(line.strip()):
+            label = " ".join(match["label"].split())
+            unit = match["unit"] or match["error_unit"] or ""
+            statistics[label] = Estimate(float(match["value"]),
+                                         float(match["error"]) if match["error"] is not None else None, unit)
+    return statistics
+
+
+def parse_kl_run(output: str, quant: GgufFile) -> QuantQuality:
+    statistics = parse_statistics(output)
+    chunks = CHUNKS.search(output)
+    wanted = ("Mean PPL(Q)", "Mean PPL(Q)/PPL(base)", "Mean KLD", "Median KLD", "99.0% KLD", "Maximum KLD",
+              "Same top p", "RMS Δp")
+    missing = [label for label in wanted if label not in statistics]
+    if missing or not chunks:
+        raise ToolchainError(f"llama-perplexity --kl-divergence on {quant.name} printed no "
+                             f"{', '.join(missing) or 'chunk count'}; output tail:\n{output[-1500:]}")
+    return QuantQuality(model=quant.name, quant=quant.quant, layout=quant.layout, ppl=statistics["Mean PPL(Q)"],
+                        ppl_ratio=statistics["Mean PPL(Q)/PPL(base)"], kld_mean=statistics["Mean KLD"],
+                        kld_median=statistics["Median KLD"].value, kld_p99=statistics["99.0% KLD"].value,
+                        kld_max=statistics["Maximum KLD"].value, same_top_p=statistics["Same top p"],
+                        rms_delta_p=statistics["RMS Δp"], chunks=int(chunks.group(1)), statistics=statistics)
+
+
+def _fmt(estimate: Estimate) -> str:
+    error = f" ± {estimate.error:.4g}" if estimate.error is not None else ""
+    return f"{estimate.value:.6g}{error}"

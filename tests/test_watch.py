@@ -1,0 +1,436 @@
+"""The watch: policy validation, the decision rules, durable state, and the flow against a local Hub and Prefect.
+
+Candidates are tiny fake repos on the local Hub endpoint: a safetensors file (with or without `mtp.*`
+tensors), a config.json naming the architecture and a README whose front matter carries `base_model` and
+`license`, which is all the watch ever reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from huggingface_hub import CommitOperationAdd
+from safetensors.numpy import save as safetensors_bytes
+
+from mtpress.errors import ConfigError, MtpressError
+from mtpress.hub.client import hub_api
+from mtpress.schema import load_release_config
+from mtpress.watch import (
+    Candidate,
+    CandidateInfo,
+    Reason,
+    WatchPolicy,
+    WatchState,
+    decide,
+    discover,
+    load_watch_policy,
+    state_lock,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BASE = "Qwen/Qwen3.5-9B"
+NAMESPACE = "mtpress-bot"
+QWEN = ("Qwen3_5ForCausalLM",)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def policy(**overrides) -> WatchPolicy:
+    raw = {"bases": [{"repo": BASE}], "licenses": ["apache-2.0", "mit"], "target_namespace": NAMESPACE,
+           "release": {"quants": ["Q8_0", "Q4_K_M"]}, **overrides}
+    return WatchPolicy.model_validate(raw)
+
+
+def write_policy(tmp_path: Path, **overrides) -> Path:
+    path = tmp_path / "watch.yaml"
+    path.write_text(yaml.safe_dump(policy(**overrides).model_dump(mode="json")), encoding="utf-8")
+    return path
+
+
+def info(repo="alice/Good-FT", *, relation="finetune", tags=(), licenses=("apache-2.0",), architectures=QWEN,
+         weights=None, head=(), target_exists=False, error=None) -> CandidateInfo:
+    candidate = Candidate(repo, BASE, BASE, relation, tuple(tags))
+    return CandidateInfo(candidate, revision="a" * 40, licenses=tuple(licenses), architectures=architectures,
+                         weights=weights, head_tensors=tuple(head), target_exists=target_exists, error=error)
+
+
+def seed(repo: str, *, base_model: str | None = BASE, license: str | None = "apache-2.0", architectures=QWEN,
+         head: bool = False, tags=(), relation: str | None = None, weights: bool = True) -> None:
+    """Upload a tiny fake checkpoint to the local Hub: only its metadata and tensor names matter."""
+    tensors = {"model.embed_tokens.weight": np.zeros((4, 4), dtype=np.float32)}
+    if head:
+        tensors["mtp.fc.weight"] = np.zeros((4, 8), dtype=np.float32)
+    card = {key: value for key, value in (("base_model", base_model), ("license", license),
+                                          ("base_model_relation", relation), ("tags", list(tags) or None))
+            if value is not None}
+    files = {"config.json": json.dumps({"architectures": list(architectures), "mtp_num_hidden_layers": 1}).encode(),
+             "README.md": f"---\n{yaml.safe_dump(card)}---\n# {repo}\n".encode()}
+    if weights:
+        files["model.safetensors"] = safetensors_bytes(tensors)
+    api = hub_api()
+    api.create_repo(repo, exist_ok=True)
+    api.create_commit(repo, [CommitOperationAdd(path, data) for path, data in files.items()], commit_message="seed")
+
+
+def publish_runs(tmp_path: Path) -> list:
+    """Flow runs of the publish deployment whose config lies under this test's tmp_path."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("publish/publish")
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+    return [run for run in runs if str(run.parameters.get("config", "")).startswith(str(tmp_path))]
+
+
+@pytest.fixture
+def publish_deployment(prefect_harness):
+    """The real publish flow registered as a deployment; nothing runs its flow runs, they stay scheduled."""
+    from flows.publish import publish
+
+    return publish.to_deployment(name="publish").apply()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# policy
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_the_shipped_policy_is_valid():
+    rules = load_watch_policy(REPO_ROOT / "model_configs" / "watch.yaml")
+    assert [b.repo for b in rules.bases] == [BASE] and rules.base(BASE).head_donor == BASE
+    assert "apache-2.0" in rules.licenses and rules.relations == ("finetune",)
+
+
+def test_policy_errors_name_the_file_and_every_bad_key(tmp_path):
+    path = tmp_path / "watch.yaml"
+    path.write_text(yaml.safe_dump({"bases": [{"repo": "not-a-repo-id"}], "licenses": [], "colour": "blue",
+                                    "release": {"quants": ["Q9_X"]}, "relations": ["quantized"]}))
+    with pytest.raises(ConfigError) as raised:
+        load_watch_policy(path)
+    problems = raised.value.problems
+    assert str(raised.value).startswith(f"{path}: ")
+    assert any(p.startswith("bases.0.repo: 'not-a-repo-id' is not a Hub repo id") for p in problems)
+    assert any(p.startswith("licenses: ") for p in problems)
+    assert "target_namespace: required key is missing" in problems
+    assert any(p.startswith("colour: unknown key") for p in problems)
+    assert any(p.startswith("release.quants: unknown quant type 'Q9_X'") for p in problems)
+    assert any(p.startswith("relations.0: ") for p in problems)
+
+
+def test_policy_file_missing_or_not_a_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_watch_policy(tmp_path / "nope.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_watch_policy(tmp_path / "list.yaml")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decide
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("candidate", "reason", "detail"), [
+    (info(error="HfHubHTTPError: 503"), Reason.INSPECT_FAILED, "503"),
+    (info(f"{NAMESPACE}/Good-FT-MTP-GGUF"), Reason.OWN_OUTPUT, NAMESPACE),
+    (info("someone/Good-FT-GGUF", tags=("gguf", "text-generation")), Reason.EXCLUDED_TAG, "gguf"),
+    (info(relation="quantized"), Reason.RELATION_NOT_WATCHED, "quantized"),
+    (info(relation="adapter"), Reason.RELATION_NOT_WATCHED, "adapter"),
+    (info(weights="only pickle weights (.bin/.pt)"), Reason.NO_SAFETENSORS, "pickle"),
+    (info(architectures=None), Reason.UNSUPPORTED_ARCHITECTURE, "no config.json"),
+    (info(architectures=("LlamaForCausalLM",)), Reason.UNSUPPORTED_ARCHITECTURE, "LlamaForCausalLM"),
+    (info(head=("mtp.fc.weight", "mtp.norm.weight")), Reason.HEAD_PRESENT, "2 MTP tensors"),
+    (info(licenses=()), Reason.LICENSE_NOT_ALLOWED, "no license"),
+    (info(licenses=("cc-by-nc-4.0",)), Reason.LICENSE_NOT_ALLOWED, "cc-by-nc-4.0"),
+    (info(licenses=("apache-2.0", "other")), Reason.LICENSE_NOT_ALLOWED, "other"),
+    (info(target_exists=True), Reason.ALREADY_PUBLISHED, f"{NAMESPACE}/Good-FT-MTP-GGUF exists"),
+    (info("alice/" + "x" * 94), Reason.CONFIG_INVALID, "name"),
+])
+def test_decide_rejects_with_a_reason(tmp_path, candidate, reason, detail):
+    decision = decide(candidate, policy(), WatchState(tmp_path / "state.json"))
+    assert (decision.reason, decision.eligible, decision.release) == (reason, False, None)
+    assert detail in decision.detail
+    assert decision.final is (reason is not Reason.INSPECT_FAILED)
+
+
+def test_decide_eligible_carries_the_release_to_launch(tmp_path):
+    decision = decide(info(), policy(bases=[{"repo": BASE, "donor": "Qwen/Qwen3.5-9B-Base"}]),
+                      WatchState(tmp_path / "state.json"))
+    assert decision.eligible and decision.final
+    release = decision.release
+    assert release.name == "Good-FT-MTP" and release.arch == "qwen35"
+    assert (release.finetune.repo, release.finetune.revision) == ("alice/Good-FT", "a" * 40)  # the decided commit
+    assert release.donor.repo == "Qwen/Qwen3.5-9B-Base"
+    assert release.target.repo == f"{NAMESPACE}/Good-FT-MTP-GGUF"
+    assert release.quants == ("Q8_0", "Q4_K_M") and release.head_type == "Q8_0"
+
+
+def test_decide_never_redecides_and_never_gives_one_target_twice(tmp_path):
+    state = WatchState(tmp_path / "state.json")
+    rules = policy()
+    first = decide(info("alice/Good-FT"), rules, state)
+    state.remember(first)
+    again = decide(info("alice/Good-FT"), rules, state)
+    assert again.reason is Reason.ALREADY_DECIDED and not again.final
+    namesake = decide(info("bob/Good-FT"), rules, state)
+    assert namesake.reason is Reason.ALREADY_PUBLISHED and "claimed by alice/Good-FT" in namesake.detail
+
+
+# ---------------------------------------------------------------------------------------------------------
+# state
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_state_survives_a_reload_and_is_replaced_atomically(tmp_path):
+    path = tmp_path / "watch" / "state.json"
+    state = WatchState.load(path)
+    state.remember(decide(info(head=("mtp.fc.weight",)), policy(), state))
+    reloaded = WatchState.load(path)
+    assert reloaded.get("alice/Good-FT")["reason"] == "head_present"
+    assert json.loads(path.read_text())["schema_version"] == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["state.json"]  # no temporary file left behind
+
+
+def test_a_damaged_state_file_stops_the_watch_with_a_hint(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text('{"decisions": ')
+    with pytest.raises(MtpressError, match="not valid JSON"):
+        WatchState.load(path)
+    path.write_text('{"something": "else"}')
+    with pytest.raises(MtpressError, match="schema version 1"):
+        WatchState.load(path)
+
+
+def test_two_watch_runs_never_share_the_state(tmp_path):
+    path = tmp_path / "state.json"
+    with state_lock(path):
+        with pytest.raises(MtpressError, match="another watch run"):
+            with state_lock(path):
+                pass
+    with state_lock(path):  # released again
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# discovery and inspection against the local Hub
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_discover_follows_the_model_tree(local_hub):
+    seed(BASE, base_model=None, head=True)
+    seed("alice/Good-FT")
+    seed("alice/Good-FT-Q4", base_model="alice/Good-FT", relation="quantized")
+    seed("carol/Grandchild-FT", base_model="alice/Good-FT")
+    seed("someone/Good-FT-GGUF", relation="quantized")
+    seed("unrelated/Other", base_model="meta-llama/Llama-3-8B")
+
+    direct = {c.repo: (c.relation, c.parent) for c in discover(policy(), hub_api())}
+    assert direct == {"alice/Good-FT": ("finetune", BASE), "someone/Good-FT-GGUF": ("quantized", BASE)}
+    deep = {c.repo: (c.relation, c.parent, c.base) for c in discover(policy(depth=2), hub_api())}
+    assert deep["carol/Grandchild-FT"] == ("finetune", "alice/Good-FT", BASE)
+    assert deep["alice/Good-FT-Q4"] == ("quantized", "alice/Good-FT", BASE)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the flow
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_watch_launches_one_publish_per_new_eligible_finetune_and_only_once(local_hub, publish_deployment,
+                                                                           tmp_path):
+    from flows.watch import watch
+
+    seed(BASE, base_model=None, head=True)
+    seed("alice/Good-FT")
+    seed("bob/Headful-FT", head=True)
+    seed("carol/Llama-FT", architectures=("LlamaForCausalLM",))
+    seed("dave/Closed-FT", license="cc-by-nc-4.0")
+    seed(f"{NAMESPACE}/Older-FT-MTP-GGUF", tags=("mtp", "gguf"))
+    policy_path, state_dir = write_policy(tmp_path), tmp_path / "watch"
+
+    rows = watch(str(policy_path), str(state_dir))
+
+    decisions = {row["repo"]: row["decision"] for row in rows}
+    assert decisions == {"alice/Good-FT": "eligible", "bob/Headful-FT": "head_present",
+                         "carol/Llama-FT": "unsupported_architecture", "dave/Closed-FT": "license_not_allowed",
+                         f"{NAMESPACE}/Older-FT-MTP-GGUF": "own_output"}
+    runs = publish_runs(tmp_path)
+    assert len(runs) == 1
+    config = Path(runs[0].parameters["config"])
+    assert runs[0].parameters == {"config": str(config)} and config.parent == (state_dir / "configs").resolve()
+    release = load_release_config(config)
+    assert (release.finetune.repo, release.donor.repo) == ("alice/Good-FT", BASE)
+    assert release.finetune.revision == hub_api().model_info("alice/Good-FT").sha
+    state = WatchState.load(state_dir / "state.json")
+    assert {repo: record["reason"] for repo, record in state.decisions.items()} == decisions
+    assert state.get("alice/Good-FT")["launch"]["flow_run"] == str(runs[0].id)
+    assert "MTP tensors already present" in state.get("bob/Headful-FT")["detail"]
+
+    assert watch(str(policy_path), str(state_dir)) == []  # nothing new: nothing decided, nothing launched
+    assert len(publish_runs(tmp_path)) == 1
+
+    seed("erin/Another-FT", license="mit")
+    rows = watch(str(policy_path), str(state_dir))
+    assert [(row["repo"], row["decision"]) for row in rows] == [("erin/Another-FT", "eligible")]
+    runs = publish_runs(tmp_path)
+    assert len(runs) == 2
+    assert {load_release_config(Path(run.parameters["config"])).finetune.repo for run in runs} == {
+        "alice/Good-FT", "erin/Another-FT"}
+
+
+def test_dry_run_remembers_nothing_and_launcher_none_writes_the_config_only(local_hub, publish_deployment, tmp_path):
+    from flows.watch import watch
+
+    seed("alice/Good-FT")
+    policy_path, state_dir = write_policy(tmp_path), tmp_path / "watch"
+
+    rows = watch(str(policy_path), str(state_dir), dry_run=True)
+    assert [(row["decision"], row["launched"]) for row in rows] == [("eligible", "dry run: would launch")]
+    assert not state_dir.exists()
+
+    rows = watch(str(policy_path), str(state_dir), launcher="none")
+    config = state_dir.resolve() / "configs" / "Good-FT-MTP.yaml"
+    assert rows[0]["launched"] == f"not launched: mtpress publish {config}"
+    assert load_release_config(config).target.repo == f"{NAMESPACE}/Good-FT-MTP-GGUF"
+    assert WatchState.load(state_dir / "state.json").get("alice/Good-FT")["launch"] == {"via": "none"}
+    assert publish_runs(tmp_path) == []
+
+
+def test_a_missing_publish_deployment_stops_the_watch_before_deciding(local_hub, prefect_harness, tmp_path):
+    from flows.watch import watch
+
+    seed("alice/Good-FT")
+    with pytest.raises(MtpressError, match="no Prefect deployment named 'publish/nowhere'"):
+        watch(str(write_policy(tmp_path)), str(tmp_path / "watch"), deployment="publish/nowhere")
+    assert not (tmp_path / "watch" / "state.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# concurrency limits
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_limits_are_created_once_and_serialise_their_holders(prefect_harness, monkeypatch):
+    from prefect.client.orchestration import get_client
+
+    from mtpress.concurrency import ensure_limits, limit_name, occupy
+
+    monkeypatch.setenv("MTPRESS_LIMIT_SCOPE", f"test-{time.monotonic_ns()}")
+    assert ensure_limits() == [limit_name("quantize-cpu"), limit_name("bench-gpu")]
+    assert ensure_limits() == []
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(limit_name("bench-gpu")).limit == 1
+
+    spans: list[tuple[float, float]] = []
+
+    def hold() -> None:
+        with occupy("quantize-cpu"):
+            start = time.monotonic()
+            time.sleep(0.5)
+            spans.append((start, time.monotonic()))
+
+    threads = [threading.Thread(target=hold) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    (first_start, first_end), (second_start, _) = sorted(spans)
+    assert len(spans) == 2 and second_start >= first_end, spans
+
+
+# ---------------------------------------------------------------------------------------------------------
+# prefect.yaml: the deployments, the schedule and the trigger from watch to publish
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_prefect_yaml_deploys_and_an_eligible_event_starts_publish(local_hub, prefect_harness, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.watch import watch
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name="mtpress", type="process"))
+        except ObjectAlreadyExists:
+            pass
+    deployed = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=REPO_ROOT,
+                              env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
+                              capture_output=True, text=True, timeout=300)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+
+    with get_client(sync_client=True) as client:
+        watcher = client.read_deployment_by_name("watch/watch")
+        publisher = client.read_deployment_by_name("publish/publish")
+        automations = [a for a in client.read_automations()
+                       if any(getattr(action, "deployment_id", None) == publisher.id for action in a.actions)]
+    assert watcher.schedules[0].schedule.interval.total_seconds() == 6 * 3600
+    assert watcher.parameters["launcher"] == "event" and watcher.work_pool_name == "mtpress"
+    assert [a.trigger.expect for a in automations] == [{"mtpress.candidate.eligible"}]
+
+    seed("alice/Good-FT")
+    rows = watch(str(write_policy(tmp_path)), str(tmp_path / "watch"), launcher="event")
+    assert rows[0]["launched"].startswith("event mtpress.candidate.eligible")
+    config = tmp_path.resolve() / "watch" / "configs" / "Good-FT-MTP.yaml"
+    deadline = time.monotonic() + 60
+    while not (runs := publish_runs(tmp_path)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert [run.parameters["config"] for run in runs] == [str(config)]
+    assert runs[0].parameters["push"] is True  # the deployment's defaults still apply
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_cli_watch_once_dry_run_shows_the_decisions(local_hub, prefect_harness, tmp_path):
+    from typer.testing import CliRunner
+
+    from mtpress.cli import app
+
+    seed("alice/Good-FT")
+    seed("bob/Headful-FT", head=True)
+    result = CliRunner().invoke(app, ["watch", "--policy", str(write_policy(tmp_path)), "--once", "--dry-run",
+                                      "--state-dir", str(tmp_path / "watch")])
+    assert result.exit_code == 0, result.output
+    assert "2 new candidates decided (dry run: nothing remembered)" in result.output
+    assert not (tmp_path / "watch").exists()
+
+
+def test_cli_names_the_bad_policy_file_and_key_without_a_traceback(tmp_path):
+    policy_path = tmp_path / "watch.yaml"
+    policy_path.write_text("bases: [{repo: Qwen/Qwen3.5-9B}]\nlicenses: [mit]\ntarget_namespace: me\n"
+                           "release: {quants: [Q9_X]}\n")
+    result = subprocess.run([str(Path(sys.executable).with_name("mtpress")), "watch", "--policy", str(policy_path),
+                             "--once"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: {policy_path}: release.quants: unknown quant type 'Q9_X'")
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_limits_creates_then_reports_existing(prefect_harness, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mtpress.cli import app
+
+    monkeypatch.setenv("MTPRESS_LIMIT_SCOPE", f"cli-{time.monotonic_ns()}")
+    first = CliRunner().invoke(app, ["limits"])
+    assert first.exit_code == 0 and first.output.count(": created (1 slot)") == 2, first.output
+    second = CliRunner().invoke(app, ["limits"])
+    assert second.output.count(": exists (1 slot)") == 2, second.output
