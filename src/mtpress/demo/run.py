@@ -33,31 +33,23 @@ def run_demo(output: Path, *, hub_root: Path = Path("releases/hub"), config: Pat
 
 
 def seed_upstream_repos(config: Path) -> None:
-    """Create the demo's upstream repos on the local endpoint, unless they are already there."""
-    from huggingface_hub.errors import RepositoryNotFoundError
+    """Make the demo's upstream repos on the local endpoint hold the current generator's models.
 
+    Generation is cached by the generator's code; uploading unchanged files makes no commit.
+    """
     from mtpress.hub.client import hub_api
     from mtpress.schema import load_release_config
     from mtpress.toolchain.llama_cpp import cache_root
 
     cfg = load_release_config(config)
     api = hub_api()
-    wanted = [cfg.donor.repo, cfg.finetune.repo]
-    missing = []
-    for repo in wanted:
-        try:
-            api.model_info(repo)
-        except RepositoryNotFoundError:
-            missing.append(repo)
-    if not missing:
-        return
     base_dir, finetune_dir = write_demo_pair(cache_root() / "demo-models", base_repo=cfg.donor.repo,
                                              finetune_repo=cfg.finetune.repo)
     for repo, folder in ((cfg.donor.repo, base_dir), (cfg.finetune.repo, finetune_dir)):
-        if repo in missing:
-            api.create_repo(repo, exist_ok=True)
-            api.upload_folder(repo_id=repo, folder_path=folder, commit_message="Upload demo checkpoint")
-            print(f"seeded {api.endpoint}/{repo}")
+        api.create_repo(repo, exist_ok=True)
+        before = api.model_info(repo).sha
+        after = api.upload_folder(repo_id=repo, folder_path=folder, commit_message="Upload demo checkpoint").oid
+        print(f"{'seeded' if after != before else 'up to date:'} {api.endpoint}/{repo}")
 
 
 def write_demo_pair(root: Path, *, base_repo: str, finetune_repo: str) -> tuple[Path, Path]:
