@@ -100,8 +100,14 @@ def watch(
         typer.echo(f"{len(rows)} new candidates decided" + (" (dry run: nothing remembered)" if dry_run else ""))
         return
     from prefect import serve
+    from prefect.settings import PREFECT_API_URL
 
     from flows.publish import publish as publish_flow
+
+    if not PREFECT_API_URL.value():
+        raise MtpressError("watching on a schedule needs a Prefect server, and PREFECT_API_URL is not set",
+                           hint="start one (`prefect server start`, docs/deploy.md) and export PREFECT_API_URL, "
+                                "or run a single watch with --once")
 
     # Own deployment names, so serving never replaces the publish/publish and watch/watch of prefect.yaml.
     serve(watch_flow.to_deployment(name="local", interval=every,

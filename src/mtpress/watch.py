@@ -27,14 +27,18 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
+from mtpress.archs import arch_for_config
 from mtpress.errors import ConfigError, MtpressError, UnsupportedArchitectureError
 from mtpress.fsutil import write_text_atomic
-from mtpress.schema import REPO_ID, Layout, ReleaseConfig, StrictModel, load_release_config
+from mtpress.schema import REPO_ID, Layout, ReleaseConfig, Source, StrictModel, load_release_config
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 POLICY_EXAMPLE = "model_configs/watch.yaml"
@@ -174,12 +178,8 @@ class CandidateInfo:
     target_exists: bool = False
     error: str | None = None
 
-    @property
-    def repo(self) -> str:
-        return self.candidate.repo
 
-
-def discover(policy: WatchPolicy, api) -> list[Candidate]:
+def discover(policy: WatchPolicy, api: HfApi) -> list[Candidate]:
     """Models whose card names a watched base (or, with ``depth`` > 1, one of its full-weight descendants)."""
     found: dict[str, Candidate] = {}
     watched = {b.repo for b in policy.bases}
@@ -214,14 +214,14 @@ def release_target(repo: str, policy: WatchPolicy) -> tuple[str, str]:
     return name, f"{policy.target_namespace}/{name}-GGUF"
 
 
-def inspect_candidate(candidate: Candidate, policy: WatchPolicy, api) -> CandidateInfo:
+def inspect_candidate(candidate: Candidate, policy: WatchPolicy, api: HfApi) -> CandidateInfo:
     """Read metadata, config.json and the safetensors headers at one pinned revision; never weights.
 
     Hub errors propagate: the caller retries, or records the candidate as not inspected this time.
     """
+    # The Hub client loads here, not at import: validating a policy (`mtpress watch` does first) needs none of it.
     from huggingface_hub import hf_hub_download
 
-    from mtpress.schema import Source
     from mtpress.stages.download import probe
 
     info = api.model_info(candidate.repo)
@@ -292,9 +292,7 @@ class Decision:
 
 
 def decide(info: CandidateInfo, policy: WatchPolicy, state: WatchState) -> Decision:
-    """Whether to release ``info.repo``; the first rule that rejects it gives the reason."""
-    from mtpress.archs import arch_for_config
-
+    """Whether to release ``info.candidate``; the first rule that rejects it gives the reason."""
     candidate = info.candidate
 
     def verdict(reason: Reason, detail: str, release: ReleaseConfig | None = None) -> Decision:
@@ -343,8 +341,8 @@ def decide(info: CandidateInfo, policy: WatchPolicy, state: WatchState) -> Decis
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         return verdict(Reason.CONFIG_INVALID, problems)
-    return verdict(Reason.ELIGIBLE, f"{arch.family} {candidate.relation} of {candidate.parent} without its MTP head; "
-                                    f"head from {release.donor.repo} → {target}", release)
+    return verdict(Reason.ELIGIBLE, f"{arch.family}, MTP head missing: restore from {release.donor.repo} "
+                                    f"into {target}", release)
 
 
 # ---------------------------------------------------------------------------------------------------------
