@@ -26,6 +26,7 @@ from prefect.artifacts import (
 from flows.cache import StageCache, cache_key
 from mtpress.archs import get_arch
 from mtpress.checkpoint import ModelDir
+from mtpress.concurrency import occupy
 from mtpress.fsutil import dir_digest, remove_stale_partials, sha256_file
 from mtpress.hub.client import hub_api
 from mtpress.manifest import hardware, jsonable, read_manifest, write_manifest
@@ -120,8 +121,9 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
         for quant in cfg.quants:
             with watch.time("quantize"):
                 quantized = [cache.run("quantize", cache_key(f.sha256, quant, cfg.head_type, cfg.name, tools.version),
-                                       quantize_task, f, quant, arch, injected.model.config, name=cfg.name,
-                                       tools=tools, head_type=cfg.head_type) for f in bf16]
+                                       _occupying, "quantize-cpu", quantize_task, f, quant, arch,
+                                       injected.model.config, name=cfg.name, tools=tools, head_type=cfg.head_type)
+                             for f in bf16]
             files += quantized
             advance(f"quantize {layout} {quant}")
 
@@ -141,7 +143,8 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
                 with watch.time("bench"):
                     key = cache_key(model.sha256, head.sha256 if head else None, cfg.bench.model_dump(mode="json"),
                                     tools.version)
-                    bench_results.append(cache.run("bench", key, bench_task, model, head, cfg.bench, tools))
+                    bench_results.append(cache.run("bench", key, _occupying, "bench-gpu", bench_task, model, head,
+                                                   cfg.bench, tools))
                 advance(f"bench {model.name}")
     quality_result = None
     if cfg.quality.enabled:
@@ -190,7 +193,7 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
                               description="quality: perplexity and KL-divergence against BF16")
     card = render_card_task(read_manifest(release_dir))
     write_card(release_dir, card)
-    create_markdown_artifact(card.files["README.md"], key=_key(cfg.name, "card"), description="model card preview")
+    create_markdown_artifact(card_preview(card), key=_key(cfg.name, "card"), description="model card preview")
     log.info("release written to %s (manifest %s)", release_dir, manifest_path.name)
 
     if push:
@@ -205,6 +208,22 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
         create_link_artifact(result.url, link_text=result.repo, key=_key(cfg.name, "repo"),
                              description="published repository")
     return str(release_dir)
+
+
+def _occupying(limit: str, stage, *args, **kwargs):
+    """Run ``stage`` holding one slot of a machine-wide concurrency limit (one quantize per CPU host,
+    one bench per GPU host), so parallel flow runs on one worker don't oversubscribe it."""
+    with occupy(limit):
+        return stage(*args, **kwargs)
+
+
+def card_preview(card) -> str:
+    """The English card for the UI: the YAML front matter shown as a code block, not run into the text."""
+    text = card.files["README.md"]
+    if text.startswith("---\n"):
+        front, body = text[4:].split("\n---\n", 1)
+        text = f"```yaml\n{front}\n```\n{body}"
+    return text
 
 
 def pair_models_with_heads(files: list[GgufFile]) -> list[tuple[GgufFile, GgufFile | None]]:
