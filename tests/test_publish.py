@@ -102,3 +102,16 @@ def test_publishing_without_a_token_is_refused_before_any_request(local_hub, rel
 def test_plan_skips_hidden_work_files(local_hub, release):
     plan = plan_publish(release, TARGET, hub_api())
     assert all(not f.path.startswith(".") for f in plan.files) and len(plan.files) == 4
+
+
+def test_an_invalid_token_is_refused_without_echoing_it(tmp_path, release, monkeypatch):
+    from mtpress.hub.server import LocalHub
+
+    wrong, valid = "hf_" + "WrongTokenThatMustNotLeak0123456789ab", "hf_" + "TheOnlyValidToken0123456789abcdefgh"
+    with LocalHub(tmp_path / "guarded", tokens={valid}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", wrong)
+        with pytest.raises(PublishError) as err:
+            publish(release, TARGET, hub_api(), message="release")
+        assert wrong not in str(err.value) and "nothing was committed" in str(err.value)
+        assert not HfApi(endpoint=hub.url, token=valid).repo_exists(TARGET.repo)
