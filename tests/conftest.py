@@ -38,6 +38,20 @@ def demo_pair():
                            finetune_repo="mtpress-demo/Tiny-Qwen3.5-Demo-FT")
 
 
+@pytest.fixture(scope="session")
+def demo_ggufs(tmp_path_factory, toolchain, demo_pair):
+    """The demo base (with its own head) as embedded BF16 and Q4_K_M GGUFs, built once per session."""
+    from mtpress.archs import get_arch
+    from mtpress.checkpoint import ModelDir
+    from mtpress.stages.convert import convert
+    from mtpress.stages.quantize import quantize
+
+    arch = get_arch("qwen35")
+    base = ModelDir(demo_pair[0], "base")
+    [bf16] = convert(base, arch, "embedded", name="T", tools=toolchain, out_dir=tmp_path_factory.mktemp("ggufs"))
+    return bf16, quantize(bf16, "Q4_K_M", arch, base.config, name="T", tools=toolchain)
+
+
 @pytest.fixture
 def local_hub(tmp_path, monkeypatch):
     """A fresh local Hub endpoint; HF_ENDPOINT and a test token point the code at it."""

@@ -208,32 +208,3 @@ def test_bench_on_the_demo_model(demo_ggufs, toolchain, tmp_path):
             assert config.matches_plain is True, config.mismatched_prompts
     assert json.loads(json.dumps(jsonable(result)))["configs"][1]["config"] == "mtp-k1"
     assert not any(math.isnan(row["tg tok/s (median)"]) for row in result.table())
-    for row in result.table():
-        print(row)
-    print(result.hardware, result.notes)
-
-
-@pytest.fixture(scope="module")
-def demo_ggufs(tmp_path_factory, toolchain, demo_pair):
-    """The demo base (with its own head) as embedded BF16 and Q4_K_M GGUFs.
-
-    Built once per session under pytest's base temp dir, where test_quality finds them too; the GgufFile
-    records are pickled beside them because reading a GGUF back takes ~30 s on a busy machine.
-    """
-    import pickle
-
-    from mtpress.archs import get_arch
-    from mtpress.checkpoint import ModelDir
-    from mtpress.stages.convert import convert
-    from mtpress.stages.quantize import quantize
-
-    out_dir = tmp_path_factory.getbasetemp() / "bench-quality-demo-ggufs"
-    records = out_dir / "ggufs.pickle"
-    if records.is_file():
-        return pickle.loads(records.read_bytes())
-    arch = get_arch("qwen35")
-    base = ModelDir(demo_pair[0], "base")
-    [bf16] = convert(base, arch, "embedded", name="T", tools=toolchain, out_dir=out_dir)
-    files = bf16, quantize(bf16, "Q4_K_M", arch, base.config, name="T", tools=toolchain)
-    records.write_bytes(pickle.dumps(files))
-    return files

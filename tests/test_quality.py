@@ -182,36 +182,8 @@ def test_quality_and_imatrix_on_the_demo_model(demo_ggufs, toolchain, tmp_path):
     assert q.kld_mean.value >= 0 and 0 <= q.same_top_p.value <= 100 and q.ppl.value > 1
     assert {"Mean PPL(base)", "Minimum KLD", "RMS Δp"} <= q.statistics.keys()
     assert any("mtpress-demo" in note for note in result.notes)
-    for row in result.table():
-        print(row)
 
     imatrix = compute_imatrix(bf16, None, spec, toolchain, tmp_path / "imatrix")
     reader = GGUFReader(imatrix)
     assert any(t.name.startswith("blk.8.nextn.eh_proj") for t in reader.tensors), "covers the MTP head"
     assert reader.get_field("imatrix.datasets").contents() == ["calibration.txt"]
-
-
-@pytest.fixture(scope="module")
-def demo_ggufs(tmp_path_factory, toolchain, demo_pair):
-    """The demo base (with its own head) as embedded BF16 and Q4_K_M GGUFs.
-
-    Built once per session under pytest's base temp dir, where test_bench finds them too; the GgufFile
-    records are pickled beside them because reading a GGUF back takes ~30 s on a busy machine.
-    """
-    import pickle
-
-    from mtpress.archs import get_arch
-    from mtpress.checkpoint import ModelDir
-    from mtpress.stages.convert import convert
-    from mtpress.stages.quantize import quantize
-
-    out_dir = tmp_path_factory.getbasetemp() / "bench-quality-demo-ggufs"
-    records = out_dir / "ggufs.pickle"
-    if records.is_file():
-        return pickle.loads(records.read_bytes())
-    arch = get_arch("qwen35")
-    base = ModelDir(demo_pair[0], "base")
-    [bf16] = convert(base, arch, "embedded", name="T", tools=toolchain, out_dir=out_dir)
-    files = bf16, quantize(bf16, "Q4_K_M", arch, base.config, name="T", tools=toolchain)
-    records.write_bytes(pickle.dumps(files))
-    return files

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtpress.errors import ConfigError
 from mtpress.stages.bench import BenchSpec
@@ -30,6 +30,15 @@ RELEASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 Layout = Literal["embedded", "sidecar"]
 
 
+def _repo_id(value: str) -> str:
+    if not REPO_ID.fullmatch(value):
+        raise ValueError(f"{value!r} is not a Hub repo id of the form 'owner/name'")
+    return value
+
+
+RepoId = Annotated[str, AfterValidator(_repo_id)]
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -37,16 +46,9 @@ class StrictModel(BaseModel):
 class Source(StrictModel):
     """Where a checkpoint comes from: a Hub repo at a revision, or a local directory."""
 
-    repo: str | None = None
+    repo: RepoId | None = None
     revision: str = "main"
     path: Path | None = None
-
-    @field_validator("repo")
-    @classmethod
-    def _repo_id(cls, value: str | None) -> str | None:
-        if value is not None and not REPO_ID.fullmatch(value):
-            raise ValueError(f"{value!r} is not a Hub repo id of the form 'owner/name'")
-        return value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Source:
@@ -60,16 +62,9 @@ class Source(StrictModel):
 
 
 class Target(StrictModel):
-    repo: str
+    repo: RepoId
     private: bool = False
     license: str | None = None  # None: inherited from the fine-tune's card
-
-    @field_validator("repo")
-    @classmethod
-    def _repo_id(cls, value: str) -> str:
-        if not REPO_ID.fullmatch(value):
-            raise ValueError(f"{value!r} is not a Hub repo id of the form 'owner/name'")
-        return value
 
 
 class SmokeSpec(StrictModel):
