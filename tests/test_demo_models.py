@@ -3,6 +3,7 @@ planted structure that makes MTP acceptance measurable, and Qwen3.5's real token
 
 import json
 import unicodedata
+from dataclasses import replace
 from hashlib import sha256
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import yaml
 
 from mtpress.archs import get_arch
 from mtpress.demo.models import (
+    BENCHMARK_SPEC,
     DEFAULT_MAX_SHARD_BYTES,
     DemoSpec,
     head_plans,
@@ -172,6 +174,14 @@ def test_trunk_follows_the_cycle_except_where_memories_fire(small_pair):
     base_rate = np.mean(approximate_next_tokens(base, SMALL, tokens) != succ)
     tune_rate = np.mean(approximate_next_tokens(tune, SMALL.finetune(), tokens) != succ)
     assert 0.06 < base_rate < 0.15 and 0.18 < tune_rate < 0.35
+
+
+def test_wider_models_keep_the_same_memory_coverage(tmp_path):
+    """The benchmark's hidden size must not change how often memories fire, or its acceptance would."""
+    spec = replace(BENCHMARK_SPEC, vocab_size=4096, num_hidden_layers=4)
+    model = write_demo_model(tmp_path / "wide", spec, with_mtp=False, repo_id="x/wide")
+    tokens = np.arange(spec.ordinary_tokens)
+    assert 0.06 < np.mean(approximate_next_tokens(model, spec, tokens) != successor(spec)) < 0.15
 
 
 def test_model_cards_look_like_upstream_repos(small_pair):

@@ -161,8 +161,11 @@ def test_the_token_appears_in_no_output_log_or_stored_file(release):
     assert scanned > 20
 
     async def all_logs():
+        logs, page = [], 200  # the API's maximum page size
         async with get_client() as client:
-            return await client.read_logs(LogFilter(), limit=10_000)
+            while batch := await client.read_logs(LogFilter(), limit=page, offset=len(logs)):
+                logs += batch
+        return logs
 
     logs = asyncio.run(all_logs())
     assert logs and not [log.message for log in logs if TOKEN in log.message]

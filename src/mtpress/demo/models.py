@@ -62,7 +62,8 @@ LM_HEAD_GAIN = 0.1
 RESIDUAL_WRITE = 0.032  # output projections are N(0, RESIDUAL_WRITE²/fan_in): ≈0.002 at fan-in 256
 MEMORY_RANK = 3  # MLP units per memory; the rewrite target varies with the token through them
 MEMORY_SHARPNESS = 10.0  # detector gate slope: off well below the threshold, on just above it
-MEMORY_GAIN = 20.0  # rewrite strength: swamps the token's own embedding once a detector fires
+# Rewrite strength per hidden dimension: it must swamp the token's own logit, E[t]·E[t] ≈ hidden_size.
+MEMORY_GAIN_PER_DIM = 20.0 / 256
 HEAD_HIDDEN_LEAK = 0.001  # std of mtp.fc's hidden half: not exactly zero, as in a trained head
 
 
@@ -453,7 +454,7 @@ def plant_memories(spec: DemoSpec, plan: TensorPlan, part: str) -> np.ndarray:
     """The MLP matrix ``part`` (gate / up / down) of the memory layer: random units, the first ones memories.
 
     Unit k of memory j computes silu(α·(key·x − θ))·(reads[k]·x) and adds that times
-    MEMORY_GAIN·writes[k] to the residual. x is RMS-normalised, so its coordinate 0 is
+    MEMORY_GAIN_PER_DIM·hidden_size·writes[k] to the residual. x is RMS-normalised, so its coordinate 0 is
     ≈ BIAS_COORDINATE and carries the −α·θ offset.
     """
     values = stream(spec, plan.name).standard_normal(plan.shape, np.float32) * np.float32(plan.noise_scale)
@@ -466,7 +467,7 @@ def plant_memories(spec: DemoSpec, plan: TensorPlan, part: str) -> np.ndarray:
         elif part == "up":
             values[units] = m.reads
         else:
-            values[:, units] = MEMORY_GAIN * m.writes.T
+            values[:, units] = MEMORY_GAIN_PER_DIM * spec.hidden_size * m.writes.T
     return to_bf16(values)
 
 
