@@ -335,8 +335,8 @@ def full_attention_plans(spec: DemoSpec, prefix: str) -> list[TensorPlan]:
 
 def mlp_plans(spec: DemoSpec, prefix: str, *, with_memories: bool) -> list[TensorPlan]:
     h, inter, p = spec.hidden_size, spec.intermediate_size, prefix + "mlp."
-    gate, up = normal_plan(spec, p + "gate_proj.weight", (inter, h), h ** -0.5), \
-        normal_plan(spec, p + "up_proj.weight", (inter, h), h ** -0.5)
+    gate = normal_plan(spec, p + "gate_proj.weight", (inter, h), h ** -0.5)
+    up = normal_plan(spec, p + "up_proj.weight", (inter, h), h ** -0.5)
     down = normal_plan(spec, p + "down_proj.weight", (h, inter), RESIDUAL_WRITE * inter ** -0.5)
     if with_memories:
         gate, up, down = (replace(plan, make=lambda plan=plan, part=part: plant_memories(spec, plan, part))
