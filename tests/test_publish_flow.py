@@ -186,7 +186,7 @@ def test_bench_and_quality_are_measured_with_spread_and_hardware(release):
     manifest = release["manifest"]
     rows = manifest["bench"]
     assert {(r["quant"], r["config"]) for r in rows} == {
-        ("Q4_K_M", c) for c in ("plain", "mtp-k1", "mtp-k2", "mtp-k3")}
+        (q, c) for q in ("BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M") for c in ("plain", "mtp-k1", "mtp-k2", "mtp-k3")}
     for detail in manifest["bench_details"]:
         assert detail["repetitions"] == 3 and detail["hardware"]["cores"] and detail["hardware"]["threads"]
         for config in detail["configs"]:
