@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,6 +44,9 @@ class StageCache:
     def __init__(self, root: Path) -> None:
         self.root = root / CACHE_DIR
         self.hits: list[str] = []
+        # Seconds each stage's results took to compute, in this run or the run that stored them: a rerun
+        # that reuses everything reports the same figures, so the manifest (and the repo) do not change.
+        self.seconds: dict[str, float] = {}
 
     def run(self, stage: str, key: str, compute: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``compute(*args, **kwargs)``, unless a valid result is stored under ``key``."""
@@ -51,11 +55,18 @@ class StageCache:
             stored = json.loads(entry.read_text())
             if all(_unchanged(Path(path), stat) for path, stat in stored["outputs"]):
                 self.hits.append(stage)
+                self._count(stage, stored["seconds"])
                 return _decode(stored["result"])
+        start = time.monotonic()
         result = compute(*args, **kwargs)
+        seconds = round(time.monotonic() - start, 1)
         outputs = [(str(f.path), _stat(f.path)) for f in _flatten(result) if isinstance(f, GgufFile)]
-        write_text_atomic(entry, json.dumps({"result": _encode(result), "outputs": outputs}))
+        write_text_atomic(entry, json.dumps({"result": _encode(result), "outputs": outputs, "seconds": seconds}))
+        self._count(stage, seconds)
         return result
+
+    def _count(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + seconds, 1)
 
 
 def _flatten(value: Any) -> list[Any]:

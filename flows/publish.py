@@ -7,9 +7,6 @@ to the terminal and the Prefect UI.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 
@@ -51,21 +48,6 @@ quality_task = task(quality.quality, name="quality")
 publish_task = task(publish_stage, name="publish", retries=2, retry_delay_seconds=[10, 60])
 
 
-class Stopwatch:
-    """Seconds spent per stage, for the manifest."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def time(self, stage: str) -> Iterator[None]:
-        start = time.monotonic()
-        try:
-            yield
-        finally:
-            self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.monotonic() - start, 3)
-
-
 @flow(name="publish", log_prints=True)
 def publish(config: str = "model_configs/demo.yaml", output: str | None = None, push: bool = True,
             dry_run: bool = False) -> str:
@@ -79,19 +61,15 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
     arch = get_arch(cfg.arch)
     release_dir = Path(output or Path("releases") / cfg.name).resolve()
     work = release_dir.parent / f".work-{cfg.name}"
-    watch = Stopwatch()
     if release_dir.is_dir() and (stale := remove_stale_partials(release_dir)):
         log.warning("removed %d leftovers of an interrupted run: %s", len(stale), ", ".join(p.name for p in stale))
 
-    with watch.time("toolchain"):
-        tools = toolchain_task()
+    tools = toolchain_task()
     log.info("llama.cpp b%s (%s)", tools.version, tools.origin)
 
-    with watch.time("fetch"):
-        finetune = fetch_task(cfg.finetune, work / "hub-cache")
-        donor = fetch_task(cfg.donor, work / "hub-cache") if cfg.donor else None
-    with watch.time("inject"):
-        injected = inject_task(finetune, donor, arch, work / "injected")
+    finetune = fetch_task(cfg.finetune, work / "hub-cache")
+    donor = fetch_task(cfg.donor, work / "hub-cache") if cfg.donor else None
+    injected = inject_task(finetune, donor, arch, work / "injected")
     log.info("inject: %s", injected.reason)
 
     check_disk_space(release_dir, planned_output_bytes(injected.model, arch, cfg))
@@ -111,27 +89,24 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
 
     files: list[GgufFile] = []
     for layout in cfg.layouts:
-        with watch.time("convert"):
-            # The first layout sits at the repo root, where `-hf user/repo:QUANT` looks; others in a subfolder.
-            out_dir = release_dir if layout == cfg.layouts[0] else release_dir / layout
-            bf16 = cache.run("convert", cache_key(model_digest, layout, cfg.name, tools.version), convert_task,
-                             injected.model, arch, layout, name=cfg.name, tools=tools, out_dir=out_dir)
+        # The first layout sits at the repo root, where `-hf user/repo:QUANT` looks; others in a subfolder.
+        out_dir = release_dir if layout == cfg.layouts[0] else release_dir / layout
+        bf16 = cache.run("convert", cache_key(model_digest, layout, cfg.name, tools.version), convert_task,
+                         injected.model, arch, layout, name=cfg.name, tools=tools, out_dir=out_dir)
         files += bf16
         advance(f"convert {layout}: {', '.join(f.name for f in bf16)}")
         for quant in cfg.quants:
-            with watch.time("quantize"):
-                quantized = [cache.run("quantize", cache_key(f.sha256, quant, cfg.head_type, cfg.name, tools.version),
-                                       _occupying, "quantize-cpu", quantize_task, f, quant, arch,
-                                       injected.model.config, name=cfg.name, tools=tools, head_type=cfg.head_type)
-                             for f in bf16]
+            quantized = [cache.run("quantize", cache_key(f.sha256, quant, cfg.head_type, cfg.name, tools.version),
+                                   _occupying, "quantize-cpu", quantize_task, f, quant, arch,
+                                   injected.model.config, name=cfg.name, tools=tools, head_type=cfg.head_type)
+                         for f in bf16]
             files += quantized
             advance(f"quantize {layout} {quant}")
 
     smoke_results = []
     for model, head in pair_models_with_heads(files):
-        with watch.time("smoke"):
-            key = cache_key(model.sha256, head.sha256 if head else None, cfg.smoke.model_dump(), tools.version)
-            smoke_results.append(cache.run("smoke", key, smoke_task, model, head, cfg.smoke, tools))
+        key = cache_key(model.sha256, head.sha256 if head else None, cfg.smoke.model_dump(), tools.version)
+        smoke_results.append(cache.run("smoke", key, smoke_task, model, head, cfg.smoke, tools))
         advance(f"smoke {model.layout}/{model.name}: identical tokens, drafted {smoke_results[-1].drafted}")
 
     root_layout = [f for f in files if f.layout == cfg.layouts[0]]
@@ -140,20 +115,18 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
         # One layout is enough: both hold the same weights (quality and speed were checked to agree).
         for model, head in pair_models_with_heads(root_layout):
             if cfg.bench.quants is None or model.quant in cfg.bench.quants:
-                with watch.time("bench"):
-                    key = cache_key(model.sha256, head.sha256 if head else None, cfg.bench.model_dump(mode="json"),
-                                    tools.version)
-                    bench_results.append(cache.run("bench", key, _occupying, "bench-gpu", bench_task, model, head,
-                                                   cfg.bench, tools))
+                key = cache_key(model.sha256, head.sha256 if head else None, cfg.bench.model_dump(mode="json"),
+                                tools.version)
+                bench_results.append(cache.run("bench", key, _occupying, "bench-gpu", bench_task, model, head,
+                                               cfg.bench, tools))
                 advance(f"bench {model.name}")
     quality_result = None
     if cfg.quality.enabled:
         models = [f for f in root_layout if f.role == "model"]
         bf16 = next(f for f in models if f.quant == "BF16")
-        with watch.time("quality"):
-            key = cache_key([f.sha256 for f in models], cfg.quality.model_dump(mode="json"), tools.version)
-            quality_result = cache.run("quality", key, quality_task, bf16, [f for f in models if f is not bf16],
-                                       cfg.quality, tools, work)
+        key = cache_key([f.sha256 for f in models], cfg.quality.model_dump(mode="json"), tools.version)
+        quality_result = cache.run("quality", key, quality_task, bf16, [f for f in models if f is not bf16],
+                                   cfg.quality, tools, work)
         advance("quality: perplexity and KL-divergence against BF16")
     update_progress_artifact(progress, 100.0)
 
@@ -175,8 +148,7 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
         "quality": quality_result.table() if quality_result else None,
         "bench_details": bench_results,
         "quality_details": quality_result,
-        "stage_seconds": watch.seconds,
-        "cache_hits": cache.hits,
+        "stage_seconds": cache.seconds,
     })
     create_table_artifact(key=_key(cfg.name, "files"), description="release files",
                           table=[{"file": f.path.relative_to(release_dir).as_posix(), "role": f.role, "quant": f.quant,
@@ -194,12 +166,12 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
     card = render_card_task(read_manifest(release_dir))
     write_card(release_dir, card)
     create_markdown_artifact(card_preview(card), key=_key(cfg.name, "card"), description="model card preview")
-    log.info("release written to %s (manifest %s)", release_dir, manifest_path.name)
+    log.info("release written to %s (manifest %s); stages reused from earlier runs: %s", release_dir,
+             manifest_path.name, ", ".join(sorted(set(cache.hits))) or "none")
 
     if push:
-        with watch.time("publish"):
-            result = publish_task(release_dir, cfg.target, hub_api(), dry_run=dry_run,
-                                  message=f"mtpress: {cfg.name} (llama.cpp b{tools.version})")
+        result = publish_task(release_dir, cfg.target, hub_api(), dry_run=dry_run,
+                              message=f"mtpress: {cfg.name} (llama.cpp b{tools.version})")
         log.info(result.plan.describe())
         if result.committed:
             log.info("published %s at commit %s (%d bytes uploaded)", result.url, result.commit, result.bytes_uploaded)

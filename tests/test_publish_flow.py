@@ -101,6 +101,17 @@ def test_the_release_is_published_as_one_commit_with_every_file(release):
     assert len(api.list_repo_commits(repo)) == 2  # the repo's creation + the release
 
 
+def test_rerunning_the_flow_reuses_every_stage_and_makes_no_commit(release):
+    from flows.publish import publish
+
+    api, before = release["api"], (release["dir"] / "manifest.json").read_bytes()
+    repo = release["manifest"]["config"]["target"]["repo"]
+    commits = api.list_repo_commits(repo)
+    publish(str(DEMO), str(release["dir"]))
+    assert (release["dir"] / "manifest.json").read_bytes() == before
+    assert api.list_repo_commits(repo) == commits
+
+
 def test_republishing_makes_no_commit_and_a_template_change_touches_only_the_card(release, tmp_path):
     import shutil
 
