@@ -100,9 +100,12 @@ def read_tensor_bytes(path: Path, info: TensorInfo) -> bytes:
     return data
 
 
-def write_safetensors(path: Path, tensors: Iterable[tuple[str, str, tuple[int, ...], bytes]],
+def write_safetensors(path: Path, tensors: Iterable[tuple[str, str, tuple[int, ...], bytes | np.ndarray]],
                       metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``(name, dtype, shape, raw bytes)`` tensors atomically, in the given order."""
+    """Write ``(name, dtype, shape, raw bytes)`` tensors atomically, in the given order.
+
+    The data may also be a 1-D uint8 array (the demo generator's vocabulary matrices), written without a copy.
+    """
     items = list(tensors)
     header: dict[str, object] = {}
     if metadata:
