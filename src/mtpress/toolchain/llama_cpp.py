@@ -174,14 +174,21 @@ def _build_binaries(home: Path) -> None:
     _run_logged(["cmake", "-S", str(home / "src"), "-B", str(build), *CMAKE_FLAGS], home / "cmake-configure.log")
     jobs = str(os.cpu_count() or 2)
     argv = ["cmake", "--build", str(build), "-j", jobs, "--target", *TOOLS]
-    with Progress() as progress, (home / "cmake-build.log").open("w") as log:
+    # A live bar on a terminal; in CI logs (no terminal) a line every 10%.
+    live = sys.stderr.isatty()
+    with Progress(disable=not live) as progress, (home / "cmake-build.log").open("w") as log:
         task = progress.add_task(f"building llama.cpp b{LLAMA_CPP_VERSION} (once per machine)", total=100)
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
+        reported = 0
         for line in proc.stdout:
             log.write(line)
             if match := re.match(r"\[\s*(\d+)%\]", line):
-                progress.update(task, completed=int(match.group(1)))
+                percent = int(match.group(1))
+                progress.update(task, completed=percent)
+                if not live and percent >= reported + 10:
+                    reported = percent - percent % 10
+                    _say(f"building llama.cpp b{LLAMA_CPP_VERSION}: {percent}%")
         if proc.wait() != 0:
             raise ToolchainError(f"building llama.cpp failed; see {home / 'cmake-build.log'}",
                                  hint="a C++17 compiler and cmake ≥ 3.14 are needed "
