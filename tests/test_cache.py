@@ -49,3 +49,18 @@ def test_a_changed_input_or_a_touched_output_reruns(tmp_path):
 def test_keys_depend_on_content_not_order_of_dict_keys():
     assert cache_key({"a": 1, "b": 2}) == cache_key({"b": 2, "a": 1})
     assert cache_key("sha1") != cache_key("sha2")
+
+
+def test_file_hashes_are_remembered_per_inode_and_follow_replacement(tmp_path):
+    import hashlib
+    import os
+
+    from mtpress.fsutil import sha256_file
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"first")
+    assert sha256_file(path) == hashlib.sha256(b"first").hexdigest()
+    replacement = tmp_path / "f.tmp"
+    replacement.write_bytes(b"other")
+    os.replace(replacement, path)  # how every output of mtpress appears
+    assert sha256_file(path) == hashlib.sha256(b"other").hexdigest()

@@ -7,6 +7,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 HASH_CHUNK = 8 * 1024 * 1024
@@ -56,8 +57,19 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def sha256_file(path: Path) -> str:
+    """The file's sha256, computed once per process for a given inode, size and modification time.
+
+    A release hashes the same bytes several times (input record, cache key, manifest, publish plan);
+    files are only ever replaced by renames, which give them a new inode, so the memo cannot go stale.
+    """
+    st = os.stat(path)
+    return _sha256_of(os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=4096)
+def _sha256_of(path: str, device: int, inode: int, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         while chunk := f.read(HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
