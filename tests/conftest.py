@@ -12,7 +12,6 @@ os.environ.pop("HF_TOKEN", None)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -76,7 +75,3 @@ def prefect_harness(tmp_path_factory):
         with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
                                          PREFECT_RESULTS_LOCAL_STORAGE_PATH: tmp_path_factory.mktemp("results")}):
             yield
-
-
-def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent

@@ -55,6 +55,7 @@ def fetch(source: Source, cache_dir: Path) -> ModelDir:
     from huggingface_hub import snapshot_download
 
     remote = probe(source)
+    api = hub_api()
     path = snapshot_download(repo_id=source.repo, revision=remote.revision, allow_patterns=list(ALLOW_PATTERNS),
-                             cache_dir=str(cache_dir), endpoint=hub_api().endpoint, token=hub_api().token)
+                             cache_dir=str(cache_dir), endpoint=api.endpoint, token=api.token)
     return ModelDir(Path(path), f"{source.repo}@{remote.revision[:12]}", remote.revision)
