@@ -10,6 +10,11 @@ benchmark at a time:
 Prefect silently skips a limit that does not exist ("do not exist - skipping acquisition") and then runs
 everything in parallel, so ``occupy`` creates its limit first and acquires it strictly.
 
+Without a Prefect server (``PREFECT_API_URL`` unset: ``mtpress publish`` and ``make demo`` on their own),
+every process starts a temporary server that keeps slot leases in its memory and never takes back the
+slot of a run that was killed: the next run would wait forever. There the machine is the whole scope,
+so the limit is a lock file under the mtpress cache, which the kernel releases when its holder dies.
+
 A limit lives on the Prefect server, so by default it is shared by every machine that talks to that server.
 With several machines, set ``MTPRESS_LIMIT_SCOPE`` (e.g. to the host name) in each worker's environment:
 ``occupy("quantize-cpu")`` then takes ``quantize-cpu-<scope>``, one slot per machine (docs/deploy.md).
@@ -17,6 +22,7 @@ With several machines, set ``MTPRESS_LIMIT_SCOPE`` (e.g. to the host name) in ea
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +32,10 @@ from functools import cache
 # GPU, makes both slower and the benchmark's numbers meaningless.
 LIMITS: dict[str, int] = {"quantize-cpu": 1, "bench-gpu": 1}
 SCOPE_ENV = "MTPRESS_LIMIT_SCOPE"
+# A slot is leased, and the holder renews the lease every 45 s. A run that is killed cannot release its
+# slot, so the server takes it back once the lease runs out: the shortest lease it accepts (60 s, plus
+# up to 15 s until its repossessor looks) instead of Prefect's default 5 minutes of a blocked machine.
+LEASE_SECONDS = 60
 
 
 def limit_name(kind: str) -> str:
@@ -45,14 +55,29 @@ def ensure_limits() -> list[str]:
 
 
 @contextmanager
-def occupy(kind: str, *, timeout_seconds: float | None = None) -> Iterator[None]:
+def occupy(kind: str) -> Iterator[None]:
     """Hold one slot of the limit ``kind`` (e.g. "quantize-cpu") for the block; wait while it is full."""
     from prefect.concurrency.sync import concurrency
     from prefect.settings import PREFECT_API_URL
 
     name = limit_name(kind)
+    if not PREFECT_API_URL.value():
+        with _machine_lock(name):
+            yield
+        return
     _ensure_once(PREFECT_API_URL.value(), name, LIMITS[kind])
-    with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True):
+    with concurrency(name, occupy=1, strict=True, lease_duration=LEASE_SECONDS):
+        yield
+
+
+@contextmanager
+def _machine_lock(name: str) -> Iterator[None]:
+    from mtpress.toolchain.llama_cpp import cache_root
+
+    path = cache_root() / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
 
