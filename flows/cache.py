@@ -19,14 +19,20 @@ from typing import Any, TypeVar
 
 from mtpress.fsutil import write_text_atomic
 from mtpress.stages.bench import BenchResult, ConfigResult, Figures, Sample, Spread
+from mtpress.stages.export_mlx import MlxChecks, MlxPack, PackFile
+from mtpress.stages.gate import ClientRun, GateResult, SnapshotCheck
 from mtpress.stages.gguf_files import GgufFile
+from mtpress.checkpoint import ModelDir
 from mtpress.stages.quality import Estimate, QualityResult, QuantQuality
+from mtpress.stages.realign import HiddenStates, RealignResult
 from mtpress.stages.smoke import SmokeResult
 
 T = TypeVar("T")
 # What a cache entry may hold; results are stored as JSON (never pickles) and rebuilt by type name.
 RESULT_TYPES = {cls.__name__: cls for cls in (GgufFile, SmokeResult, BenchResult, ConfigResult, Figures, Sample,
-                                              Spread, QualityResult, QuantQuality, Estimate)}
+                                              Spread, QualityResult, QuantQuality, Estimate, GateResult, ClientRun,
+                                              SnapshotCheck, MlxPack, PackFile, MlxChecks, HiddenStates,
+                                              RealignResult, ModelDir)}
 # A stored result whose type has since gained or lost fields must not be decoded: it is part of every key.
 RESULT_SCHEMA = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in RESULT_TYPES.items()}
 CACHE_DIR = ".mtpress-cache"
@@ -48,28 +54,43 @@ class StageCache:
         # that reuses everything reports the same figures, so the manifest (and the repo) do not change.
         self.seconds: dict[str, float] = {}
 
+    def lookup(self, stage: str, key: str) -> Any | None:
+        """The result stored under ``key`` if every file it names is intact, else None; counts nothing."""
+        stored = self._valid_entry(stage, key)
+        return _decode(stored["result"]) if stored else None
+
     def run(self, stage: str, key: str, compute: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``compute(*args, **kwargs)``, unless a valid result is stored under ``key``."""
+        stored = self._valid_entry(stage, key)
+        if stored:
+            self.hits.append(stage)
+            self._count(stage, stored["seconds"])
+            return _decode(stored["result"])
         entry = self.root / f"{stage}-{key}.json"
-        if entry.is_file():
-            stored = json.loads(entry.read_text())
-            if all(_unchanged(Path(path), stat) for path, stat in stored["outputs"]):
-                self.hits.append(stage)
-                self._count(stage, stored["seconds"])
-                return _decode(stored["result"])
         start = time.monotonic()
         result = compute(*args, **kwargs)
         seconds = round(time.monotonic() - start, 1)
-        outputs = [(str(f.path), _stat(f.path)) for f in _flatten(result) if isinstance(f, GgufFile)]
+        outputs = [(str(f.path), _stat(f.path)) for f in _flatten(result) if isinstance(f, (GgufFile, PackFile))]
+        # Results that are not GGUFs (realign's hidden states and checkpoint) name their files themselves.
+        outputs += [(str(p), _stat(p)) for r in _flatten(result) for p in getattr(r, "output_files", ())]
         write_text_atomic(entry, json.dumps({"result": _encode(result), "outputs": outputs, "seconds": seconds}))
         self._count(stage, seconds)
         return result
+
+    def _valid_entry(self, stage: str, key: str) -> dict | None:
+        entry = self.root / f"{stage}-{key}.json"
+        if not entry.is_file():
+            return None
+        stored = json.loads(entry.read_text())
+        return stored if all(_unchanged(Path(path), stat) for path, stat in stored["outputs"]) else None
 
     def _count(self, stage: str, seconds: float) -> None:
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + seconds, 1)
 
 
 def _flatten(value: Any) -> list[Any]:
+    if isinstance(value, MlxPack):  # a pack is checked through its files
+        return [value, *value.files]
     return [item for v in value for item in _flatten(v)] if isinstance(value, (list, tuple)) else [value]
 
 

@@ -21,6 +21,11 @@ from prefect.artifacts import (
 )
 
 from flows.cache import StageCache, cache_key
+from flows.mlx_pack import build_mlx_pack
+from flows.realign import choose_head
+from flows.release_gate import stage_and_verify
+from flows.secrets import use_token_from_secret
+from flows.stage_keys import convert_key, quantize_key, reused_outputs
 from mtpress.archs import get_arch
 from mtpress.checkpoint import ModelDir
 from mtpress.concurrency import occupy
@@ -38,6 +43,7 @@ from mtpress.toolchain import resolve_toolchain
 fetch_task = task(download.fetch, name="fetch", retries=3, retry_delay_seconds=[2, 10, 30])
 inject_task = task(inject.inject, name="inject")
 convert_task = task(convert.convert, name="convert")
+mmproj_task = task(convert.export_mmproj, name="mmproj")
 quantize_task = task(quantize.quantize, name="quantize")
 smoke_task = task(smoke.smoke, name="smoke", retries=1)
 toolchain_task = task(resolve_toolchain, name="toolchain")
@@ -50,13 +56,15 @@ publish_task = task(publish_stage, name="publish", retries=2, retry_delay_second
 
 @flow(name="publish", log_prints=True)
 def publish(config: str = "model_configs/demo.yaml", output: str | None = None, push: bool = True,
-            dry_run: bool = False) -> str:
+            dry_run: bool = False, token_secret: str | None = None) -> str:
     """Build, test, document and publish the release a YAML file in model_configs/ describes.
 
     ``push=False`` stops after the card; ``dry_run`` prints the publish plan and commits nothing.
+    ``token_secret`` names a Prefect Secret block holding the Hub token, used when HF_TOKEN is unset.
     Returns the release folder.
     """
     log = get_run_logger()
+    use_token_from_secret(token_secret)
     cfg: ReleaseConfig = load_release_config(Path(config))
     arch = get_arch(cfg.arch)
     release_dir = Path(output or Path("releases") / cfg.name).resolve()
@@ -72,11 +80,21 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
     injected = inject_task(finetune, donor, arch, work / "injected")
     log.info("inject: %s", injected.reason)
 
-    check_disk_space(release_dir, planned_output_bytes(injected.model, arch, cfg))
     cache = StageCache(release_dir)
+    head_choice = None
+    if cfg.head.source != "copy":
+        # From here on the release is built from the checkpoint that carries the chosen head.
+        injected, head_choice = choose_head(cfg, injected, arch, tools, cache, release_dir, work)
     model_digest = dir_digest(injected.model.path)
-    steps = len(cfg.layouts) * (1 + len(cfg.quants)) * 2 + int(cfg.quality.enabled)
-    if cfg.bench.enabled:
+    # What the cache already holds writes nothing: a nearly full disk must not refuse a rerun.
+    check_disk_space(release_dir, planned_output_bytes(injected.model, arch, cfg,
+                                                       reused_outputs(cache, model_digest, cfg, tools)))
+    has_vision = cfg.mmproj and arch.has_vision(injected.model.config)
+    has_head = injected.action != "no-head"
+    # Without a head both layouts would hold the same plain trunk: build the first only, and bench nothing.
+    layouts = cfg.layouts if has_head else cfg.layouts[:1]
+    steps = len(layouts) * (1 + len(cfg.quants)) * 2 + int(cfg.quality.enabled) + int(has_vision)
+    if cfg.bench.enabled and has_head:
         steps += len([q for q in ("BF16", *cfg.quants) if cfg.bench.quants is None or q in cfg.bench.quants])
     progress = create_progress_artifact(0.0, key=_key(cfg.name, "progress"), description="release build progress")
     done = 0
@@ -88,30 +106,42 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
         update_progress_artifact(progress, 100.0 * done / steps)
 
     files: list[GgufFile] = []
-    for layout in cfg.layouts:
+    for layout in layouts:
         # The first layout sits at the repo root, where `-hf user/repo:QUANT` looks; others in a subfolder.
         out_dir = release_dir if layout == cfg.layouts[0] else release_dir / layout
-        bf16 = cache.run("convert", cache_key(model_digest, layout, cfg.name, tools.version), convert_task,
+        bf16 = cache.run("convert", convert_key(model_digest, layout, cfg, tools), convert_task,
                          injected.model, arch, layout, name=cfg.name, tools=tools, out_dir=out_dir)
         files += bf16
         advance(f"convert {layout}: {', '.join(f.name for f in bf16)}")
         for quant in cfg.quants:
-            quantized = [cache.run("quantize", cache_key(f.sha256, quant, cfg.head_type, cfg.name, tools.version),
+            quantized = [cache.run("quantize", quantize_key(f, quant, cfg, tools),
                                    _occupying, "quantize-cpu", quantize_task, f, quant, arch,
                                    injected.model.config, name=cfg.name, tools=tools, head_type=cfg.head_type)
                          for f in bf16]
             files += quantized
             advance(f"quantize {layout} {quant}")
+    mmproj = None
+    if has_vision:
+        # One vision encoder (kept at BF16) serves every trunk of both layouts: it sits at the repo root,
+        # where `-hf user/repo:QUANT` picks it up as the model's mmproj sibling.
+        mmproj = cache.run("mmproj", cache_key(model_digest, "mmproj", cfg.name, tools.version), mmproj_task,
+                           injected.model, arch, cfg.layouts[0], name=cfg.name, tools=tools, out_dir=release_dir)
+        files.append(mmproj)
+        advance(f"mmproj: {mmproj.name}")
 
     smoke_results = []
     for model, head in pair_models_with_heads(files):
-        key = cache_key(model.sha256, head.sha256 if head else None, cfg.smoke.model_dump(), tools.version)
-        smoke_results.append(cache.run("smoke", key, smoke_task, model, head, cfg.smoke, tools))
-        advance(f"smoke {model.layout}/{model.name}: identical tokens, drafted {smoke_results[-1].drafted}")
+        key = cache_key(model.sha256, head.sha256 if head else None, mmproj.sha256 if mmproj else None,
+                        cfg.smoke.model_dump(), tools.version)
+        smoke_results.append(cache.run("smoke", key, smoke_task, model, head, cfg.smoke, tools, mmproj))
+        ran = smoke_results[-1]
+        advance(f"smoke {model.layout}/{model.name}: " + (f"identical tokens, drafted {ran.drafted}"
+                                                          if ran.tokens_identical else "generated (no MTP head)")
+                + (f"; with an image: identical tokens, drafted {ran.image_drafted}" if ran.image_drafted else ""))
 
     root_layout = [f for f in files if f.layout == cfg.layouts[0]]
     bench_results = []
-    if cfg.bench.enabled:
+    if cfg.bench.enabled and has_head:
         # One layout is enough: both hold the same weights (quality and speed were checked to agree).
         for model, head in pair_models_with_heads(root_layout):
             if cfg.bench.quants is None or model.quant in cfg.bench.quants:
@@ -129,6 +159,10 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
                                    cfg.quality, tools, work)
         advance("quality: perplexity and KL-divergence against BF16")
     update_progress_artifact(progress, 100.0)
+    # The Apple Silicon pack: same checkpoint, after smoke (its checks compare with the BF16 tokens).
+    mlx_release = build_mlx_pack(cfg, injected.model, arch, release_dir, model_digest, smoke_results, cache,
+                                 {"finetune": _input_record(finetune, cfg.finetune),
+                                  "donor": _input_record(donor, cfg.donor) if donor else None}) if cfg.mlx else None
 
     manifest_path = write_manifest(release_dir, {
         "release": cfg.name,
@@ -141,13 +175,15 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
                    "donor": _input_record(donor, cfg.donor) if donor else None},
         "architecture": arch.describe(injected.model.config, injected.model.tensors),
         "inject": {"action": injected.action, "reason": injected.reason, "head": injected.head,
-                   "bytes_written": injected.bytes_written},
+                   "bytes_written": injected.bytes_written, "vocabulary": injected.vocabulary},
+        "head_choice": head_choice,
         "files": [{"path": f.path.relative_to(release_dir).as_posix(), **jsonable(f)} for f in files],
         "smoke": smoke_results,
         "bench": [row for result in bench_results for row in result.table()],
         "quality": quality_result.table() if quality_result else None,
         "bench_details": bench_results,
         "quality_details": quality_result,
+        "mlx": mlx_release.summary if mlx_release else None,
         "stage_seconds": cache.seconds,
     })
     create_table_artifact(key=_key(cfg.name, "files"), description="release files",
@@ -156,7 +192,9 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
     create_table_artifact(key=_key(cfg.name, "smoke"), description="smoke: greedy output with and without draft-mtp",
                           table=[{"file": s.model, "layout": s.layout, "identical": s.tokens_identical,
                                   "drafted": s.drafted, "accepted": s.accepted,
-                                  "acceptance": round(s.acceptance or 0, 3)} for s in smoke_results])
+                                  "acceptance": round(s.acceptance or 0, 3),
+                                  **({"image identical": s.image_tokens_identical, "image drafted": s.image_drafted}
+                                     if mmproj else {})} for s in smoke_results])
     if bench_results:
         create_table_artifact(key=_key(cfg.name, "bench"), table=[r for b in bench_results for r in b.table()],
                               description="bench: tokens/s median and IQR, acceptance, speedup, bound")
@@ -170,7 +208,13 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
              manifest_path.name, ", ".join(sorted(set(cache.hits))) or "none")
 
     if push:
-        result = publish_task(release_dir, cfg.target, hub_api(), dry_run=dry_run,
+        api = hub_api()
+        if cfg.gate.enabled and not dry_run:
+            # Stage → verify → promote: a GateError here leaves the target untouched.
+            stage_and_verify(release_dir, cfg, tools, api, cache, work, _key(cfg.name, "gate"))
+            create_markdown_artifact(card_preview(render_card(read_manifest(release_dir))), key=_key(cfg.name, "card"),
+                                     description="model card preview, with the release gate")
+        result = publish_task(release_dir, cfg.target, api, dry_run=dry_run,
                               message=f"mtpress: {cfg.name} (llama.cpp b{tools.version})")
         log.info(result.plan.describe())
         if result.committed:
@@ -179,6 +223,12 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
             log.info("%s: nothing committed (%s)", result.url, "dry run" if dry_run else "no changes")
         create_link_artifact(result.url, link_text=result.repo, key=_key(cfg.name, "repo"),
                              description="published repository")
+        if mlx_release:
+            pack = publish_task(mlx_release.folder, mlx_release.target, api, dry_run=dry_run,
+                                message=f"mtpress: {cfg.name} MTPLX pack ({mlx_release.summary['verification']})")
+            log.info(pack.plan.describe())
+            create_link_artifact(pack.url, link_text=pack.repo, key=_key(cfg.name, "mtplx-repo"),
+                                 description="published MTPLX pack")
     return str(release_dir)
 
 

@@ -212,3 +212,24 @@ def test_bench_and_quality_are_measured_with_spread_and_hardware(release):
     assert set(quality) == {"BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"}
     card = (release["dir"] / "README.md").read_text(encoding="utf-8")
     assert "mtp-k2" in card and "Speed benchmark:** not measured" not in card
+
+
+def test_the_release_was_staged_and_verified_with_the_real_clients_before_promotion(release):
+    """Stage → verify → promote: every root trunk was loaded by llama.cpp's -hf with its own head from the
+    private staging repo's commit, and the target holds the same GGUF bytes."""
+    api, manifest = release["api"], release["manifest"]
+    target = manifest["config"]["target"]["repo"]
+    gate = manifest["gate_details"]
+    assert gate["repo"] == f"{target}-staging" and api.model_info(gate["repo"]).private
+    assert [c.commit_id for c in api.list_repo_commits(gate["repo"])][0] == gate["commit"]
+    roots = {f["quant"]: f["path"] for f in manifest["files"] if "/" not in f["path"] and f["role"] == "model"}
+    loaded = {r["tag"]: r for r in gate["runs"] if r["mtp"]}
+    assert set(loaded) == set(roots) == {"BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"}
+    for tag, run in loaded.items():
+        assert run["trunk"] == roots[tag] and run["head"] == f"mtp-{roots[tag]}" == run["intended_head"]
+        assert run["tokens_match"] and run["drafted"] > 0 and run["commit"] == gate["commit"]
+    assert gate["snapshot"]["files_checked"] == len(manifest["files"])
+    staged = {s.rfilename: s.lfs.sha256 for s in api.model_info(gate["repo"], files_metadata=True).siblings if s.lfs}
+    promoted = {s.rfilename: s.lfs.sha256 for s in api.model_info(target, files_metadata=True).siblings if s.lfs}
+    assert staged == promoted
+    assert "watched llama.cpp load exactly these pairs" in (release["dir"] / "README.md").read_text(encoding="utf-8")

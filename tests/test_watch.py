@@ -434,3 +434,34 @@ def test_cli_limits_creates_then_reports_existing(prefect_harness, monkeypatch):
     assert first.exit_code == 0 and first.output.count(": created (1 slot)") == 2, first.output
     second = CliRunner().invoke(app, ["limits"])
     assert second.output.count(": exists (1 slot)") == 2, second.output
+
+
+def test_without_a_server_the_limit_is_a_lock_the_kernel_frees_when_its_holder_dies(tmp_path, monkeypatch):
+    """No PREFECT_API_URL: a killed holder must not block the next run (an in-memory lease would, forever)."""
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from mtpress.concurrency import occupy
+
+    monkeypatch.setenv("MTPRESS_CACHE", str(tmp_path))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom mtpress.concurrency import occupy\n"
+                               "with occupy('quantize-cpu'):\n    print('held', flush=True)\n    time.sleep(600)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    entered = threading.Event()
+
+    def take() -> None:
+        with temporary_settings(restore_defaults={PREFECT_API_URL}):  # even inside another test's harness
+            with occupy("quantize-cpu"):
+                entered.set()
+
+    waiter = threading.Thread(target=take)
+    waiter.start()
+    assert not entered.wait(1.0), "the slot was taken twice"
+    holder.kill()
+    holder.wait()
+    assert entered.wait(10), "the slot of a killed holder was not freed"
+    waiter.join()

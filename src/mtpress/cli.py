@@ -29,24 +29,81 @@ ConfigArg = Annotated[Path, typer.Argument(help="release config, e.g. model_conf
 def publish(config: ConfigArg,
             output: Annotated[Path | None, typer.Option(help="release folder (default releases/<name>)")] = None,
             push: Annotated[bool, typer.Option(help="publish to the Hub after building and testing")] = True,
-            dry_run: Annotated[bool, typer.Option(help="print the publish plan, commit nothing")] = False) -> None:
+            dry_run: Annotated[bool, typer.Option(help="print the publish plan, commit nothing")] = False,
+            token_secret: Annotated[str | None, typer.Option(
+                help="name of a Prefect Secret block holding the Hub token, used when HF_TOKEN is unset")] = None,
+            ) -> None:
     """Run the publish flow for one release config: download, inject, convert, quantize, smoke, card, publish.
 
-    The Hub is HF_ENDPOINT (default huggingface.co); the token is HF_TOKEN.
+    The Hub is HF_ENDPOINT (default huggingface.co); the token is HF_TOKEN or the --token-secret block.
     """
     from flows.publish import publish as publish_flow
 
-    release = publish_flow(str(config), str(output) if output else None, push=push, dry_run=dry_run)
+    release = publish_flow(str(config), str(output) if output else None, push=push, dry_run=dry_run,
+                           token_secret=token_secret)
     typer.echo(f"release folder: {release}")
 
 
 @app.command()
-def demo(output: Annotated[Path, typer.Option(help="where the demo writes its release")] = Path("releases/demo"),
+def demo(output: Annotated[Path, typer.Option(help="where the demo writes its release (the multimodal one: "
+                                                    "<output>-vl)")] = Path("releases/demo"),
+         realign: Annotated[bool, typer.Option(
+             help="instead, the release whose head is re-aligned on the fine-tune and measured against the copied "
+                  "one (model_configs/demo-realign.yaml, into <output>-realign)")] = False,
          ) -> None:
-    """Run the whole pipeline on generated tiny Qwen3.5 models (the embedded default)."""
-    from mtpress.demo.run import run_demo
+    """Run the whole pipeline on generated tiny Qwen3.5 models: text-only, then multimodal (with an mmproj)."""
+    from mtpress.demo.run import DEMO_REALIGN_CONFIG, run_demo, run_demos
 
-    run_demo(output)
+    if realign:
+        run_demo(output.with_name(output.name + "-realign"), config=DEMO_REALIGN_CONFIG)
+    else:
+        run_demos(output)
+
+
+@app.command()
+def verify(repo: Annotated[str, typer.Argument(help="a published repo, e.g. user/Model-MTP-GGUF")],
+           revision: Annotated[str | None, typer.Option(
+               help="the commit to verify; llama.cpp's -hf reads only main, so it must be main's head")] = None,
+           quant: Annotated[list[str] | None, typer.Option(help="check only this root quant (repeatable)")] = None,
+           work_dir: Annotated[Path, typer.Option(help="scratch space for the clients' downloads (emptied after)")
+                               ] = Path("releases/.verify")) -> None:
+    """Run the release gate read-only on any published repo: llama.cpp's -hf with and without draft-mtp for
+    every root quant, and snapshot_download against the files' sha256.
+
+    With the repo's manifest.json (an mtpress release) the intended heads and the smoke tokens come from it;
+    otherwise each trunk's head is the `mtp-<trunk name>` file and tokens are compared with vs. without MTP.
+    The Hub is HF_ENDPOINT; HF_TOKEN, if set, reaches llama.cpp through its environment only.
+    """
+    from mtpress.hub.client import hub_api
+    from mtpress.stages.gate import verify_repo
+    from mtpress.toolchain import resolve_toolchain
+
+    result = verify_repo(hub_api(), repo, resolve_toolchain(build=False), work_dir, revision=revision, tags=quant)
+    for row in result.table():
+        picked = " + ".join(p for p in (row["trunk"], row["head"], row["mmproj"]) if p)
+        drafts = f", drafted {row['drafted']}, accepted {row['accepted']}" if "draft-mtp" in row["request"] else ""
+        typer.echo(f"ok  {row['client']} {row['version']}  {row['request']}: {picked or '-'}; {row['matches']}{drafts}")
+    typer.echo(f"{repo}@{result.commit}: passed")
+
+
+@app.command("mtplx-verified")
+def mtplx_verified(pack: Annotated[Path, typer.Argument(help="a downloaded MTPLX pack, stamped by "
+                                                          "`mtplx forge verify PACK --stamp` on Apple Silicon")],
+                   repo: Annotated[str, typer.Option(help="the pack's repo, e.g. user/Model-MTP-MTPLX")],
+                   dry_run: Annotated[bool, typer.Option(help="print the publish plan, commit nothing")] = False,
+                   ) -> None:
+    """Record MTPLX's Apple Silicon verification in the pack's manifest and card and publish them in one
+    commit. Refuses a contract that is not a real forge-verification record (run by the release workflow's
+    macOS job)."""
+    from mtpress.hub.client import hub_api
+    from mtpress.schema import Target
+    from mtpress.stages.mlx_card import record_verification
+    from mtpress.stages.publish import publish as publish_stage
+
+    level = record_verification(pack)
+    result = publish_stage(pack, Target(repo=repo), hub_api(), dry_run=dry_run, message=f"mtpress: MTPLX {level}")
+    typer.echo(result.plan.describe())
+    typer.echo(f"{repo}: {level}; " + (f"committed {result.commit}" if result.committed else "nothing committed"))
 
 
 @app.command("check-config")
@@ -133,23 +190,29 @@ def limits() -> None:
 
 @toolchain_app.command("build")
 def toolchain_build() -> None:
-    """Build (once) or find the pinned llama.cpp and its converter environment."""
+    """Build (once) or find the pinned llama.cpp with its converter environment, and the MLX tools environment."""
     from mtpress.toolchain import resolve_toolchain
+    from mtpress.toolchain.mlx import resolve_mlx_tools
 
     tools = resolve_toolchain(build=True)
     typer.echo(f"llama.cpp b{tools.version} ({tools.origin}): {tools.bin_dir}")
+    mlx = resolve_mlx_tools(build=True)
+    typer.echo(f"MLX tools (mlx {mlx.versions['mlx']}, mlx-lm {mlx.versions['mlx_lm']}, "
+               f"mtplx {mlx.versions['mtplx']}): {mlx.python}")
 
 
 @toolchain_app.command("doctor")
 def toolchain_doctor() -> None:
     """Check the toolchain without building anything; exit 1 if it is not usable."""
     from mtpress.toolchain import resolve_toolchain
+    from mtpress.toolchain.mlx import mlx_tools_status
 
     tools = resolve_toolchain(build=False)
     for name in ("llama-quantize", "llama-server", "llama-cli", "llama-bench", "llama-imatrix", "llama-perplexity"):
         typer.echo(f"  {name}: {tools.tool(name)}")
     typer.echo(f"  converter: {' '.join(tools.converter())}")
     typer.echo(f"ok: llama.cpp b{tools.version} ({tools.origin}), converter env {tools.describe()['converter_python']}")
+    typer.echo(mlx_tools_status())
 
 
 @hub_app.command("serve")
@@ -163,6 +226,9 @@ def hub_serve(root: Annotated[Path, typer.Option(help="where repos are stored")]
 
 
 def main() -> None:
+    # Without PREFECT_API_URL each run starts a temporary Prefect server; on a busy 2-core machine its first
+    # start (database migrations) can take longer than Prefect's default 20 s wait.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     try:
         app()
     except MtpressError as e:

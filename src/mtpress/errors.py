@@ -73,6 +73,10 @@ class IncompatibleDonorError(ModelError):
         )
 
 
+class TrunkMismatchError(ModelError):
+    """Hidden states collected from one trunk were offered to train the head of another."""
+
+
 # TOOLCHAIN ERRORS
 
 
@@ -101,6 +105,15 @@ class ToolFailedError(ToolchainError):
 
 class QualityGateError(MtpressError, AssertionError):
     """A produced file failed a check (load, greedy equivalence, drafting)."""
+
+
+class GateError(QualityGateError):
+    """A repo, as a real Hub client gets it, is not the release that was tested; names the file and client.
+
+    Example:
+        trunk X-Q4_K_M.gguf: llama.cpp -hf user/repo:Q4_K_M --spec-type draft-mtp … picked head
+        mtp-X-Q4_0.gguf, intended mtp-X-Q4_K_M.gguf
+    """
 
 
 # PUBLISHING ERRORS

@@ -19,7 +19,7 @@ from mtpress.errors import CorruptCheckpointError
 from mtpress.fsutil import atomic_path
 
 DTYPE_SIZES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
+               "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}  # U32: MLX's packed quantized weights
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 

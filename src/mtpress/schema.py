@@ -15,7 +15,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from mtpress.errors import ConfigError
 from mtpress.stages.bench import BenchSpec
+from mtpress.stages.export_mlx import MlxSpec
 from mtpress.stages.quality import QualitySpec
+from mtpress.stages.realign import HeadSpec
 
 # llama-quantize's own type names (tools/quantize/quantize.cpp) that we publish, with the
 # nominal bits the -hf downloader reads from a name when pairing siblings.
@@ -65,6 +67,19 @@ class Target(StrictModel):
     repo: RepoId
     private: bool = False
     license: str | None = None  # None: inherited from the fine-tune's card
+    # Where the release is committed and verified with the real clients before it reaches `repo`.
+    staging_repo: RepoId | None = None  # None: <repo>-staging
+
+    @model_validator(mode="after")
+    def _staging_is_elsewhere(self) -> Target:
+        if self.staging_repo == self.repo:
+            raise ValueError("staging_repo must differ from repo: the release is verified there before it reaches repo")
+        return self
+
+    @property
+    def staging(self) -> Target:
+        """The private repo the release gate verifies; the same endpoint as the target."""
+        return Target(repo=self.staging_repo or f"{self.repo}-staging", private=True, license=self.license)
 
 
 class SmokeSpec(StrictModel):
@@ -72,6 +87,16 @@ class SmokeSpec(StrictModel):
     n_predict: Annotated[int, Field(ge=8, le=1024)] = 48
     draft_n_max: Annotated[int, Field(ge=1, le=8)] = 2
     timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    # Sent with --mmproj when the release has a vision projector; None: the shipped test image.
+    image: Path | None = None
+
+
+class GateSpec(StrictModel):
+    """The release gate: llama.cpp's -hf and snapshot_download against the staged commit, before promotion."""
+
+    enabled: bool = True
+    # The smoke tokens are a longer greedy run of the same prompt; the gate compares this many.
+    n_predict: Annotated[int, Field(ge=1, le=1024)] = 16
 
 
 class ReleaseConfig(StrictModel):
@@ -84,9 +109,14 @@ class ReleaseConfig(StrictModel):
     layouts: tuple[Layout, ...] = ("sidecar", "embedded")  # the first one sits at the repo root
     quants: tuple[str, ...] = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
     head_type: str | None = Field(default=None, description="keep the MTP head's tensors at this type (e.g. Q8_0)")
+    mmproj: bool = Field(default=True, description="export a multimodal checkpoint's vision tower once, as "
+                         "mmproj-<name>-BF16.gguf (ignored for text-only checkpoints)")
     smoke: SmokeSpec = SmokeSpec()
     bench: BenchSpec = BenchSpec()
     quality: QualitySpec = QualitySpec()
+    head: HeadSpec = HeadSpec()  # copy the donor's head, re-align it on the fine-tune, or publish the better
+    gate: GateSpec = GateSpec()
+    mlx: MlxSpec | None = None  # the MTPLX pack for Apple Silicon, published to its own repo; absent: none
 
     @field_validator("name")
     @classmethod
@@ -169,7 +199,7 @@ def _describe(err: dict) -> str:
 def _resolve_paths(config: ReleaseConfig, base: Path) -> ReleaseConfig:
     """Local source paths are relative to the config file, so configs work from any directory."""
     updates = {}
-    for section, key in (("bench", "prompts"), ("quality", "calibration")):
+    for section, key in (("bench", "prompts"), ("quality", "calibration"), ("smoke", "image"), ("head", "prompts")):
         spec = getattr(config, section)
         if getattr(spec, key) is not None and not getattr(spec, key).is_absolute():
             updates[section] = spec.model_copy(update={key: (base / getattr(spec, key)).resolve()})

@@ -27,6 +27,17 @@ class ArchSpec(Protocol):
     def compatibility_keys(self) -> tuple[str, ...]:
         """Text-config keys on which a head depends: donor and fine-tune must agree on each."""
 
+    def has_vision(self, config: dict) -> bool:
+        """Whether the checkpoint carries a vision tower, exported as an ``mmproj-`` GGUF."""
+
+    def is_vision_tensor(self, name: str) -> bool: ...
+
+    def shared_tensors(self, tensors: dict[str, TensorInfo]) -> tuple[str, str]:
+        """The trunk tensors the head shares: (input embedding, output matrix), equal when tied."""
+
+    def set_mtp_layers(self, config: dict, layers: int) -> dict:
+        """``config`` claiming ``layers`` MTP layers, the key written where the checkpoint keeps it."""
+
     def head_gguf_block(self, config: dict) -> int:
         """The GGUF block index the first MTP layer becomes."""
 

@@ -3,6 +3,13 @@
 Tensor names and the head layout follow the pinned converter (conversion/qwen.py,
 ``_QwenMtpMixin``): ``mtp.fc`` / ``mtp.pre_fc_norm_*`` / ``mtp.norm`` and
 ``mtp.layers.N.*`` become GGUF block ``num_hidden_layers + N`` with nextn naming.
+
+Two checkpoint layouts are registered: ``Qwen3_5ForCausalLM`` (text keys at the top of
+config.json, trunk under ``model.``) and ``Qwen3_5ForConditionalGeneration``, what the
+releases ship: text keys nested under ``text_config``, trunk under ``model.language_model.``,
+a vision tower under ``model.visual.`` described by ``vision_config`` (exported by the
+converter's ``--mmproj`` mode, conversion/qwen3vl.py), and ``lm_head`` / ``mtp.*`` at the
+top level in both.
 """
 
 from __future__ import annotations
@@ -10,10 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mtpress.archs import register
+from mtpress.errors import CorruptCheckpointError
 from mtpress.safetensors_io import TensorInfo
 
 HEAD_PREFIX = "mtp."
 LANGUAGE_MODEL_PREFIXES = ("model.language_model.", "model.")
+VISION_PREFIX = "model.visual."
 
 
 @dataclass(frozen=True)
@@ -61,8 +70,31 @@ class Qwen35:
         return shapes
 
     def compatibility_keys(self) -> tuple[str, ...]:
-        return ("hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        # Not vocab_size: the head has no vocabulary-sized tensor (it reads the trunk's embedding and
+        # predicts through the trunk's output matrix), so a resized vocabulary is decided from the tensors.
+        return ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "head_dim", "intermediate_size", "mtp_num_hidden_layers")
+
+    def has_vision(self, config: dict) -> bool:
+        return "vision_config" in config
+
+    def is_vision_tensor(self, name: str) -> bool:
+        return name.startswith(VISION_PREFIX)
+
+    def shared_tensors(self, tensors: dict[str, TensorInfo]) -> tuple[str, str]:
+        """The trunk tensors the head uses: (input embedding, output matrix); the same when tied."""
+        embedding = next((p + "embed_tokens.weight" for p in LANGUAGE_MODEL_PREFIXES
+                          if p + "embed_tokens.weight" in tensors), None)
+        if embedding is None:
+            raise CorruptCheckpointError(
+                f"no token embedding ({' or '.join(p + 'embed_tokens.weight' for p in LANGUAGE_MODEL_PREFIXES)})",
+                hint="the checkpoint is incomplete; re-download it")
+        return embedding, "lm_head.weight" if "lm_head.weight" in tensors else embedding
+
+    def set_mtp_layers(self, config: dict, layers: int) -> dict:
+        if "text_config" in config:
+            return {**config, "text_config": {**config["text_config"], "mtp_num_hidden_layers": layers}}
+        return {**config, "mtp_num_hidden_layers": layers}
 
     def head_gguf_block(self, config: dict) -> int:
         return int(self.text_config(config)["num_hidden_layers"])
@@ -72,7 +104,7 @@ class Qwen35:
         layer_types = c.get("layer_types") or []
         head = sum(t.n_elements for n, t in tensors.items() if self.is_head_tensor(n))
         total = sum(t.n_elements for t in tensors.values())
-        vision = sum(t.n_elements for n, t in tensors.items() if ".visual." in n or n.startswith("visual."))
+        vision = sum(t.n_elements for n, t in tensors.items() if self.is_vision_tensor(n))
         return {
             "family": self.family,
             "architectures": config.get("architectures", []),

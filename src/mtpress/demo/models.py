@@ -211,19 +211,9 @@ def write_demo_model(dest: Path, spec: DemoSpec, *, with_mtp: bool, repo_id: str
     """
     plans = trunk_plans(spec) + (head_plans(spec) if with_mtp else [])
     parameters = sum(p.size for p in plans)
-    shards = split_into_shards(plans, max_shard_bytes)
     with atomic_path(dest) as tmp:
         tmp.mkdir()
-        weight_map = {}
-        for number, shard in enumerate(shards, start=1):
-            filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-            write_shard(tmp / filename, shard, spec)
-            weight_map |= {p.name: filename for p in shard}
-        index = {
-            "metadata": {"total_parameters": parameters, "total_size": sum(p.nbytes for p in plans)},
-            "weight_map": dict(sorted(weight_map.items())),
-        }
-        write_json(tmp / "model.safetensors.index.json", index)
+        write_weights(tmp, plans, spec, max_shard_bytes)
         write_json(tmp / "config.json", spec.config())
         write_json(tmp / "generation_config.json", {
             "do_sample": True, "eos_token_id": [EOS_TOKEN_ID, PAD_TOKEN_ID], "pad_token_id": PAD_TOKEN_ID,
@@ -232,6 +222,21 @@ def write_demo_model(dest: Path, spec: DemoSpec, *, with_mtp: bool, repo_id: str
         write_text_atomic(tmp / "README.md", model_card(spec, repo_id=repo_id, base_model=base_model,
                                                         with_mtp=with_mtp, parameters=parameters))
     return dest
+
+
+def write_weights(folder: Path, plans: list[TensorPlan], spec: DemoSpec, max_shard_bytes: int) -> None:
+    """``plans`` as ``model-0000i-of-0000n.safetensors`` shards plus ``model.safetensors.index.json``."""
+    shards = split_into_shards(plans, max_shard_bytes)
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        write_shard(folder / filename, shard, spec)
+        weight_map |= {p.name: filename for p in shard}
+    index = {
+        "metadata": {"total_parameters": sum(p.size for p in plans), "total_size": sum(p.nbytes for p in plans)},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    write_json(folder / "model.safetensors.index.json", index)
 
 
 def write_shard(path: Path, shard: list[TensorPlan], spec: DemoSpec) -> None:

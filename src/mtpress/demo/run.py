@@ -3,7 +3,9 @@
 It starts the local Hub endpoint (repos stored under ``releases/hub``), seeds it with a
 generated tiny Qwen3.5 base (with its MTP head) and a fine-tune that lost the head, then
 runs the publish flow on ``model_configs/demo.yaml``: download → inject → convert →
-quantize → smoke → card → publish, back to the local endpoint.
+quantize → smoke → card → publish, back to the local endpoint. Then the same for the
+multimodal layout real releases ship (``model_configs/demo-vl.yaml``: a vision tower, an
+``mmproj-`` file, a smoke test with an image), published to its own repo.
 """
 
 from __future__ import annotations
@@ -12,11 +14,23 @@ import os
 from pathlib import Path
 
 DEMO_CONFIG = Path("model_configs/demo.yaml")
+DEMO_VL_CONFIG = Path("model_configs/demo-vl.yaml")
+DEMO_REALIGN_CONFIG = Path("model_configs/demo-realign.yaml")  # `mtpress demo --realign`
 # llama.cpp only forwards tokens shaped like real ones (hf_ + 34 or more letters/digits).
 DEMO_TOKEN = "hf_mtpressDemoTokenForTheLocalHubOnly0"
 
 
-def run_demo(output: Path, *, hub_root: Path = Path("releases/hub"), config: Path = DEMO_CONFIG) -> Path:
+def run_demos(output: Path, *, hub_root: Path = Path("releases/hub")) -> list[Path]:
+    """The text demo into ``output``, then the multimodal one into ``<output>-vl``."""
+    from mtpress.demo.multimodal import MultimodalSpec
+
+    return [run_demo(output, hub_root=hub_root),
+            run_demo(output.with_name(output.name + "-vl"), hub_root=hub_root, config=DEMO_VL_CONFIG,
+                     spec=MultimodalSpec())]
+
+
+def run_demo(output: Path, *, hub_root: Path = Path("releases/hub"), config: Path = DEMO_CONFIG,
+             spec=None) -> Path:
     # The local endpoint speaks LFS, not Xet; huggingface_hub reads this switch at import time.
     os.environ["HF_HUB_DISABLE_XET"] = "1"
     from mtpress.hub.server import LocalHub
@@ -24,7 +38,7 @@ def run_demo(output: Path, *, hub_root: Path = Path("releases/hub"), config: Pat
     with LocalHub(hub_root) as hub:
         os.environ["HF_ENDPOINT"] = hub.url
         os.environ["HF_TOKEN"] = DEMO_TOKEN
-        seed_upstream_repos(config)
+        seed_upstream_repos(config, spec)
         from flows.publish import publish
 
         release = Path(publish(str(config), str(output)))
@@ -32,8 +46,9 @@ def run_demo(output: Path, *, hub_root: Path = Path("releases/hub"), config: Pat
     return release
 
 
-def seed_upstream_repos(config: Path) -> None:
-    """Make the demo's upstream repos on the local endpoint hold the current generator's models.
+def seed_upstream_repos(config: Path, spec=None) -> None:
+    """Make the demo's upstream repos on the local endpoint hold the current generator's models
+    (``spec``: as for ``write_demo_pair``).
 
     Generation is cached by the generator's code; uploading unchanged files makes no commit.
     """
@@ -44,7 +59,7 @@ def seed_upstream_repos(config: Path) -> None:
     cfg = load_release_config(config)
     api = hub_api()
     base_dir, finetune_dir = write_demo_pair(cache_root() / "demo-models", base_repo=cfg.donor.repo,
-                                             finetune_repo=cfg.finetune.repo)
+                                             finetune_repo=cfg.finetune.repo, spec=spec)
     for repo, folder in ((cfg.donor.repo, base_dir), (cfg.finetune.repo, finetune_dir)):
         api.create_repo(repo, exist_ok=True)
         before = api.model_info(repo).sha
@@ -52,21 +67,29 @@ def seed_upstream_repos(config: Path) -> None:
         print(f"{'seeded' if after != before else 'up to date:'} {api.endpoint}/{repo}")
 
 
-def write_demo_pair(root: Path, *, base_repo: str, finetune_repo: str) -> tuple[Path, Path]:
-    """Generate (or reuse) the demo base and fine-tune; the cache key covers the spec and the generator's code."""
+def write_demo_pair(root: Path, *, base_repo: str, finetune_repo: str, spec=None) -> tuple[Path, Path]:
+    """Generate (or reuse) the demo base and fine-tune; the cache key covers the spec and the generator's code.
+
+    ``spec`` is a ``models.DemoSpec`` (the demo's own when None; scripts/benchmark.py passes a bigger one)
+    or a ``multimodal.MultimodalSpec`` (the ``Qwen3_5ForConditionalGeneration`` layout).
+    """
     import hashlib
     import inspect
 
-    from mtpress.demo import models, tokenizer
+    from mtpress.demo import models, multimodal, tokenizer
 
-    spec = models.DemoSpec()
-    key = hashlib.sha256("\n".join([repr(spec), base_repo, finetune_repo, inspect.getsource(models),
-                                     inspect.getsource(tokenizer)]).encode()).hexdigest()[:16]
+    spec = spec or models.DemoSpec()
+    vl = isinstance(spec, multimodal.MultimodalSpec)
+    sources = [models, tokenizer, *([multimodal] if vl else [])]
+    key = hashlib.sha256("\n".join([repr(spec), base_repo, finetune_repo, *map(inspect.getsource, sources)]
+                                   ).encode()).hexdigest()[:16]
     base, finetune = root / key / "base", root / key / "finetune"
+    write_base, write_finetune = ((multimodal.write_multimodal_base, multimodal.write_multimodal_finetune) if vl
+                                  else (models.write_demo_base, models.write_demo_finetune))
     if not base.is_dir():
         print("generating the demo base model (with its MTP head)")
-        models.write_demo_base(base, spec, repo_id=base_repo)
+        write_base(base, spec, repo_id=base_repo)
     if not finetune.is_dir():
         print("generating the demo fine-tune (head lost, config still claims one MTP layer)")
-        models.write_demo_finetune(finetune, spec, base_repo_id=base_repo, repo_id=finetune_repo)
+        write_finetune(finetune, spec, base_repo_id=base_repo, repo_id=finetune_repo)
     return base, finetune

@@ -98,7 +98,7 @@ def _revision_not_found(repo_id: str, revision: str) -> HubError:
 # Fault injection
 # ---------------------------------------------------------------------------------------------------------
 
-FAULT_ACTIONS = ("status", "drop", "abort_commit")
+FAULT_ACTIONS = ("status", "drop", "abort_commit", "stall")
 
 
 @dataclass
@@ -111,6 +111,7 @@ class Fault:
       - "drop": close the connection without answering (the client sees a protocol/network error).
       - "abort_commit": let a commit request run until its commit object is written, then fail with 500
         before the branch moves (a crash mid-commit; the head must stay unchanged).
+      - "stall": hold the request `seconds` before serving it (a slow upload, long enough to kill the client).
     """
 
     method: str = "*"
@@ -119,6 +120,7 @@ class Fault:
     status: int = 503
     retry_after: int | None = None
     times: int = 1
+    seconds: float = 0.0
 
     @property
     def stage(self) -> str:
@@ -144,6 +146,7 @@ class FaultPlan:
         status: int = 503,
         retry_after: int | None = None,
         times: int = 1,
+        seconds: float = 0.0,
     ) -> Fault:
         """Plan a failure for the next `times` requests matching `method` and the `path` regex."""
         if action not in FAULT_ACTIONS:
@@ -151,7 +154,7 @@ class FaultPlan:
         if times < 1 or not 100 <= status <= 599:
             raise ValueError(f"A fault needs times >= 1 and an HTTP status, got times={times}, status={status}.")
         re.compile(path)  # fail now on a bad regex, not on the next request
-        fault = Fault(method.upper(), path, action, status, retry_after, times)
+        fault = Fault(method.upper(), path, action, status, retry_after, times, seconds)
         with self._lock:
             self._faults.append(fault)
         return fault
@@ -661,6 +664,9 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             fault = None if self.raw_path == "/_mtpress/faults" else self._take_fault("request")
             if fault is not None and fault.action == "drop":
                 self._drop_connection()
+            elif fault is not None and fault.action == "stall":
+                time.sleep(fault.seconds)
+                self._route(self.raw_path.split("/")[1:])
             elif fault is not None:
                 headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
                 raise HubError(fault.status, f"Injected fault: {fault.status}", headers=headers)
@@ -699,6 +705,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             if not chunk:
                 raise ConnectionResetError("request body ended early")
             self._body_left -= len(chunk)
+            self.hub.count_received(len(chunk))
             yield chunk
 
     def _read_body(self) -> bytes:
@@ -1216,6 +1223,8 @@ class LocalHub:
         self.user = user
         self.faults = FaultPlan()
         self.secret = secrets.token_bytes(32)  # signs LFS upload links; new on every start of the process
+        self.bytes_received = 0  # request body bytes from every client since start: what benchmarks call uploaded
+        self._received_lock = threading.Lock()
         self._httpd: _HubHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -1251,6 +1260,10 @@ class LocalHub:
         self._httpd.close_connections()
         self._httpd.server_close()
         self._httpd = self._thread = None
+
+    def count_received(self, size: int) -> None:
+        with self._received_lock:
+            self.bytes_received += size
 
     def __enter__(self) -> LocalHub:
         return self.start()

@@ -51,7 +51,8 @@ LAYOUT_PREFERENCE = ("sidecar", "embedded")
 SMALL_MODEL_PARAMETERS = 1_000_000_000
 SHORT_SHA = 12
 # What a file is, by (layout, role); the templates name each kind in their language.
-FILE_KINDS = {("embedded", "model"): "embedded", ("sidecar", "model"): "trunk", ("sidecar", "head"): "head"}
+FILE_KINDS = {("embedded", "model"): "embedded", ("sidecar", "model"): "trunk", ("sidecar", "head"): "head",
+              ("sidecar", "mmproj"): "mmproj", ("embedded", "mmproj"): "mmproj"}
 # The shape of a Hub license identifier (apache-2.0, mit, llama3.1, cc-by-nc-4.0, other, …). Anything
 # else is published as `license: other` and shown verbatim, as text, in the card body.
 LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]{0,63}$")
@@ -180,6 +181,7 @@ def card_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
         "license_source": license_source,
         "license_id": _license_id(license_text),
         "inject": _inject_facts(manifest, arch),
+        "head_choice": manifest.get("head_choice"),  # the realign stage's comparison, when the config asked for one
         "arch": arch,
         "files": files,
         "has_layout": {layout: any(f["layout"] == layout for f in files) for layout in LAYOUT_PREFERENCE},
@@ -200,10 +202,14 @@ def card_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
         "bench": as_table(manifest.get("bench")),
         "quality": as_table(manifest.get("quality")),
         "gate": as_table(manifest.get("gate")),
+        "gate_run": _gate_run(manifest.get("gate_details")),
+        "hub_pairs": _hub_pairs(files, manifest.get("gate_details")),
         "mlx": as_table(manifest.get("mlx")),
         "config_yaml": yaml.safe_dump(_without_none(config), sort_keys=False, allow_unicode=True) if config else None,
         "sha256sums": "\n".join(f"{f['sha256']}  {f['path']}" for f in files if f["sha256"]),
         "vision_without_mmproj": arch["parameters_vision"] > 0 and not any("mmproj" in f["path"] for f in files),
+        "mmproj": pair["mmproj"],
+        "image_smoke": _image_smoke(manifest.get("smoke") or []),
     }
 
 
@@ -276,7 +282,9 @@ def _inject_facts(manifest: Mapping[str, Any], arch: Mapping[str, Any]) -> dict[
     return {"action": inject.get("action"), "donor_revision": head.get("donor_revision"),
             "tensors": "\n".join(str(t) for t in head.get("tensors") or []),
             "tensor_count": len(head.get("tensors") or []), "parameters": parameters,
-            "share": parameters / total if total else None, "dtype": head.get("dtype")}
+            "share": parameters / total if total else None, "dtype": head.get("dtype"),
+            "source_dtype": head.get("source_dtype"), "cast": head.get("cast"),
+            "vocabulary": inject.get("vocabulary"), "reason": inject.get("reason")}
 
 
 def recommended_model(files: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
@@ -309,7 +317,7 @@ def _file_rows(manifest: Mapping[str, Any], arch: Mapping[str, Any]) -> list[dic
         role, layout = f.get("role"), f.get("layout")
         # A head file also carries copies of the shared embedding and output matrices, which the
         # manifest does not count, so it gets no bits-per-weight figure.
-        parameters = None if role == "head" else (
+        parameters = None if role == "head" else f.get("parameters") if role == "mmproj" else (
             arch["parameters_model"] if layout == "embedded" else arch["parameters_trunk"])
         size = _numeric(f.get("size"))
         path = f.get("path") or _require(f, "name", where="manifest files[]")
@@ -328,7 +336,8 @@ def _recommended_pair(files: list[dict[str, Any]]) -> dict[str, dict[str, Any] |
     model = next((f for f in files if f["recommended"] and f["role"] == "model"), None)
     same_quant = {(f["layout"], f["role"]): f for f in files if model and f["quant"] == model["quant"]}
     return {"model": model, "trunk": same_quant.get(("sidecar", "model")),
-            "head": same_quant.get(("sidecar", "head")), "embedded": same_quant.get(("embedded", "model"))}
+            "head": same_quant.get(("sidecar", "head")), "embedded": same_quant.get(("embedded", "model")),
+            "mmproj": next((f for f in files if f["role"] == "mmproj"), None)}
 
 
 def _usage(target: str, config_file: str, pair: dict[str, dict[str, Any] | None], mtp: list[str]
@@ -339,15 +348,16 @@ def _usage(target: str, config_file: str, pair: dict[str, dict[str, Any] | None]
     block (nothing in it can close the fence), though not in prose.
     """
     commands = {"rerun": ["mtpress", "publish", config_file]}
-    model, trunk, head, embedded = pair["model"], pair["trunk"], pair["head"], pair["embedded"]
+    model, trunk, head, embedded, mmproj = pair["model"], pair["trunk"], pair["head"], pair["embedded"], pair["mmproj"]
     if model is not None:
         hub = ["-hf", f"{target}:{model['quant']}"]
         commands |= {"server_hub_mtp": ["llama-server", *hub, *mtp], "server_hub_plain": ["llama-server", *hub],
                      "cli_hub_mtp": ["llama-cli", *hub, *mtp], "cli_hub_plain": ["llama-cli", *hub]}
+    if trunk:
+        commands["download_trunk"] = ["hf", "download", target, trunk["path"], "--local-dir", "."]
     if trunk and head:
         commands |= {
             "download_sidecar": ["hf", "download", target, trunk["path"], head["path"], "--local-dir", "."],
-            "download_trunk": ["hf", "download", target, trunk["path"], "--local-dir", "."],
             "server_sidecar_mtp": ["llama-server", "-m", trunk["path"], "-md", head["path"], *mtp],
             "server_sidecar_plain": ["llama-server", "-m", trunk["path"]],
             "server_hub_sidecar_mtp": ["llama-server", *hub, "-hff", trunk["path"], *mtp],
@@ -355,7 +365,40 @@ def _usage(target: str, config_file: str, pair: dict[str, dict[str, Any] | None]
     if embedded:
         commands |= {"download_embedded": ["hf", "download", target, embedded["path"], "--local-dir", "."],
                      "server_embedded_mtp": ["llama-server", "-m", embedded["path"], *mtp]}
+    if mmproj and trunk and head:
+        commands |= {"download_mmproj": ["hf", "download", target, mmproj["path"], "--local-dir", "."],
+                     "server_sidecar_vision_mtp": ["llama-server", "-m", trunk["path"], "-md", head["path"],
+                                                   "--mmproj", mmproj["path"], *mtp]}
+    if mmproj and embedded:
+        commands |= {"download_mmproj": ["hf", "download", target, mmproj["path"], "--local-dir", "."],
+                     "server_embedded_vision_mtp": ["llama-server", "-m", embedded["path"], "--mmproj",
+                                                    mmproj["path"], *mtp]}
     return {key: Safe(shell_command(argv)) for key, argv in commands.items()}
+
+
+def _hub_pairs(files: list[dict[str, Any]], gate: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """What `-hf repo:TAG --spec-type draft-mtp` is meant to load for each root trunk, and whether the release
+    gate saw llama.cpp load exactly that (None: no gate ran)."""
+    loaded = {(r.get("trunk"), r.get("head")) for r in (gate or {}).get("runs") or [] if r.get("mtp")}
+    pairs = []
+    for model in files:
+        if model["role"] != "model" or "/" in model["path"]:
+            continue
+        head = head_of(model, files)
+        pairs.append({"tag": model["quant"], "trunk": model["path"], "head": head["path"] if head else None,
+                      "verified": (model["path"], head["path"] if head else None) in loaded if gate else None})
+    return pairs
+
+
+def _gate_run(gate: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Which commit of which repo the release gate checked, with which clients."""
+    if not gate:
+        return None
+    runs = gate.get("runs") or []
+    snapshot = gate.get("snapshot") or {}
+    return {"repo": gate.get("repo"), "commit": gate.get("commit"), "runs": len(runs),
+            "llama_cpp": runs[0].get("version") if runs else None, "tags": len({r.get("tag") for r in runs}),
+            "snapshot_version": snapshot.get("version"), "files_checked": snapshot.get("files_checked")}
 
 
 def _layout_folders(files: list[dict[str, Any]]) -> dict[str, str]:
@@ -378,6 +421,17 @@ def _smoke_rows(manifest: Mapping[str, Any], files: list[dict[str, Any]]) -> lis
             "speedup": mtp / plain if plain and mtp is not None else None,
         })
     return rows
+
+
+def _image_smoke(smoke: list[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The smoke test's image requests (files served with the mmproj), summed over every file."""
+    runs = [s for s in smoke if s.get("mmproj")]
+    if not runs:
+        return None
+    return {"files": len(runs), "identical": sum(bool(s.get("image_tokens_identical")) for s in runs),
+            "drafted": sum(s.get("image_drafted") or 0 for s in runs),
+            "accepted": sum(s.get("image_accepted") or 0 for s in runs),
+            "fewest_drafted": min(s.get("image_drafted") or 0 for s in runs), "mmproj": runs[0]["mmproj"]}
 
 
 def _smoke_setting(smoke_config: Mapping[str, Any], rows: list[dict[str, Any]], key: str) -> Any:

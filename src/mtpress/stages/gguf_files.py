@@ -13,7 +13,7 @@ from gguf import GGMLQuantizationType
 
 from mtpress.errors import CorruptCheckpointError, QualityGateError
 
-Role = Literal["model", "head"]
+Role = Literal["model", "head", "mmproj"]  # mmproj: the vision encoder llama.cpp loads with --mmproj
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,13 @@ def read_facts(path: Path, *, head_block: int) -> GgufFacts:
 
 
 def verify_head(path: Path, facts: GgufFacts, *, role: Role, layout: str, mtp_layers: int) -> None:
-    """An embedded model or a sidecar head must carry the nextn block; a sidecar trunk must not."""
+    """An embedded model or a sidecar head must carry the nextn block; a sidecar trunk must not, nor
+    anything converted from a checkpoint that claims no MTP layer."""
+    if mtp_layers == 0:
+        if facts.nextn_layers or facts.head_block_tensors:
+            raise QualityGateError(f"{path.name}: the checkpoint claims no MTP layer, but the file carries one",
+                                   hint="convert with --no-mtp")
+        return
     carries = facts.nextn_layers == mtp_layers and any(".nextn." in n for n in facts.head_block_tensors)
     if (layout == "embedded" or role == "head") and not carries:
         raise QualityGateError(f"{path.name}: expected {mtp_layers} MTP (nextn) layer(s), found "
@@ -65,6 +71,15 @@ def verify_head(path: Path, facts: GgufFacts, *, role: Role, layout: str, mtp_la
     if layout == "sidecar" and role == "model" and (facts.nextn_layers or facts.head_block_tensors):
         raise QualityGateError(f"{path.name}: a sidecar trunk must not carry the MTP layer, but it does",
                                hint="convert the trunk with --no-mtp")
+
+
+def verify_mmproj(path: Path) -> None:
+    """A vision projector as llama.cpp's mtmd loads it: a ``clip`` GGUF with a vision encoder."""
+    keys = ("general.architecture", "clip.has_vision_encoder", "clip.projector_type")
+    found = gguf_metadata(path, keys)
+    if found.get("general.architecture") != "clip" or not found.get("clip.has_vision_encoder"):
+        raise QualityGateError(f"{path.name}: expected a vision projector (general.architecture=clip with a vision "
+                               f"encoder), found {found}", hint="convert the checkpoint with --mmproj")
 
 
 # The GGUF header, read directly: gguf.GGUFReader decodes every field, the 248k-entry vocabulary arrays

@@ -3,6 +3,10 @@
 The fine-tune's files are hard-linked (copied only across filesystems) into the
 output; the head becomes one extra shard, ``model-mtp.safetensors``, and the index
 is rewritten to cover trunk + head. Only the head's bytes and the index are new.
+
+Without a donor, a fine-tune that lost its head is released without one: its config
+copy is reconciled to claim no MTP layer, because a GGUF that claims a head it lacks
+does not load at all (llama.cpp issue #26916).
 """
 
 from __future__ import annotations
@@ -34,15 +38,29 @@ class HeadProvenance:
     sha256: str  # of the head shard as written
     source_dtype: str
     dtype: str
+    cast: Literal["none", "exact", "lossy"]  # lossy: some donor values changed in the cast (rounded or clipped)
+
+
+@dataclass(frozen=True)
+class VocabularyCheck:
+    """What the head shares with the fine-tune's trunk, decided from the tensors, not the configs."""
+
+    finetune_rows: int
+    donor_rows: int
+    embedding: str  # the fine-tune tensor the head reads tokens through
+    output: str  # … and predicts through (the embedding itself when tied)
+    tied: bool
+    decision: str
 
 
 @dataclass(frozen=True)
 class InjectResult:
     model: ModelDir
-    action: Literal["injected", "passthrough"]
+    action: Literal["injected", "passthrough", "no-head"]
     reason: str
     head: HeadProvenance | None
     bytes_written: int
+    vocabulary: VocabularyCheck | None = None
 
 
 def inject(finetune: ModelDir, donor: ModelDir | None, arch: ArchSpec, out: Path) -> InjectResult:
@@ -54,23 +72,25 @@ def inject(finetune: ModelDir, donor: ModelDir | None, arch: ArchSpec, out: Path
         return InjectResult(finetune, "passthrough", f"{finetune.label} already carries its own MTP head "
                             f"({len(own)} tensors); published as is", None, 0)
     if donor is None:
-        raise MissingMtpHeadError(
-            f"{finetune.label} has no mtp.* tensors although its config claims "
-            f"{arch.mtp_layers(finetune.config)} MTP layer(s), and no donor is configured",
-            hint="set `donor:` in the release config to the base model the fine-tune was trained from")
+        return _without_head(finetune, arch, out)
     _check_compatible(finetune, donor, arch)
     donor_head = sorted(n for n in donor.tensors if arch.is_head_tensor(n))
     if not donor_head:
         raise MissingMtpHeadError(f"donor {donor.label} has no mtp.* tensors to give",
                                   hint="use the original base model (e.g. Qwen/Qwen3.5-9B) as donor, not a fine-tune")
+    vocabulary = check_vocabulary(finetune, donor, arch, donor_head)
     _check_head(donor, expected, owner=f"donor {donor.label}")
 
     target_dtype = _trunk_dtype(finetune)
     head_tensors = []
+    lossy = False
     for name in sorted(expected):
         info = donor.tensors[name]
         data = read_tensor_bytes(donor.shard_of(name), info)
-        head_tensors.append((name, target_dtype, info.shape, _cast(data, info.dtype, target_dtype, info.shape)))
+        cast = _cast(data, info.dtype, target_dtype, info.shape)
+        lossy = lossy or (info.dtype != target_dtype and not np.array_equal(
+            _as_f32(cast, target_dtype, info.shape), _as_f32(data, info.dtype, info.shape)))
+        head_tensors.append((name, target_dtype, info.shape, cast))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as staging:
@@ -89,10 +109,56 @@ def inject(finetune: ModelDir, donor: ModelDir | None, arch: ArchSpec, out: Path
     provenance = HeadProvenance(
         donor=donor.label, donor_revision=donor.revision, tensors=tuple(n for n, *_ in head_tensors),
         parameters=sum(donor.tensors[n].n_elements for n in expected), sha256=sha256_file(head_path),
-        source_dtype=donor.tensors[donor_head[0]].dtype, dtype=target_dtype)
+        source_dtype=donor.tensors[donor_head[0]].dtype, dtype=target_dtype,
+        cast="none" if donor.tensors[donor_head[0]].dtype == target_dtype else "lossy" if lossy else "exact")
     written = head_path.stat().st_size + (out / INDEX).stat().st_size
+    reason = f"MTP head copied from {donor.label}"
+    if provenance.cast != "none":
+        reason += (f", cast from {provenance.source_dtype} to the fine-tune's {target_dtype}"
+                   f"{' (lossy: values are rounded)' if provenance.cast == 'lossy' else ' (exact)'}")
     return InjectResult(ModelDir(out, f"{finetune.label} + head from {donor.label}", finetune.revision),
-                        "injected", f"MTP head copied from {donor.label}", provenance, written)
+                        "injected", reason, provenance, written, vocabulary)
+
+
+def _without_head(finetune: ModelDir, arch: ArchSpec, out: Path) -> InjectResult:
+    """The fine-tune as is, but with a config copy that claims no MTP layer: converted with ``--no-mtp``
+    it loads everywhere, and nothing offers draft-mtp on it."""
+    claimed = arch.mtp_layers(finetune.config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as staging:
+        staging.mkdir()
+        for entry in finetune.path.iterdir():
+            if entry.name != "config.json" and entry.is_file():
+                _link_or_copy(entry, staging / entry.name)
+        config = arch.set_mtp_layers(finetune.config, 0)
+        write_text_atomic(staging / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    reason = (f"{finetune.label} has no mtp.* tensors although its config claims {claimed} MTP layer(s), and no "
+              "donor is configured: released without a head (converted with --no-mtp, config copy reconciled "
+              "to mtp_num_hidden_layers: 0, since a GGUF that claims a missing head fails to load — llama.cpp "
+              "issue #26916). Set `donor:` to the fine-tune's base model to restore the head")
+    return InjectResult(ModelDir(out, f"{finetune.label} (no MTP head)", finetune.revision), "no-head", reason,
+                        None, (out / "config.json").stat().st_size)
+
+
+def check_vocabulary(finetune: ModelDir, donor: ModelDir, arch: ArchSpec, head: list[str]) -> VocabularyCheck:
+    """Accept a resized vocabulary unless the donor's head holds a tensor of the donor's vocabulary size:
+    the head reads the fine-tune's embedding and predicts through its output matrix, so those decide."""
+    embedding, output = arch.shared_tensors(finetune.tensors)
+    rows = finetune.tensors[embedding].shape[0]
+    donor_rows = donor.tensors[arch.shared_tensors(donor.tensors)[0]].shape[0]
+    if rows != donor_rows:
+        own_vocabulary = [n for n in head if donor_rows in donor.tensors[n].shape]
+        if own_vocabulary:
+            raise IncompatibleDonorError(
+                f"vocabulary size (the donor's head tensor {own_vocabulary[0]} has {donor_rows} rows)", rows,
+                donor_rows, finetune=finetune.label, donor=donor.label)
+        decision = (f"accepted: the vocabulary was resized ({donor_rows} rows in the donor, {rows} in the "
+                    f"fine-tune), but the head has no vocabulary-sized tensor; it uses the fine-tune's {embedding} "
+                    f"and {output}. Tokens the donor did not have were never seen by the head (lower acceptance "
+                    "on them, same output)")
+    else:
+        decision = f"same vocabulary ({rows} rows); the head uses the fine-tune's {embedding} and {output}"
+    return VocabularyCheck(rows, donor_rows, embedding, output, embedding == output, decision)
 
 
 def _check_compatible(finetune: ModelDir, donor: ModelDir, arch: ArchSpec) -> None:
@@ -122,12 +188,18 @@ def _trunk_dtype(model: ModelDir) -> str:
     return "BF16" if "BF16" in dtypes or not dtypes else sorted(dtypes)[0]
 
 
+def _as_f32(data: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    return {"BF16": lambda: bf16_bytes_to_f32(data, shape),
+            "F16": lambda: np.frombuffer(data, dtype=np.float16).astype(np.float32),
+            "F32": lambda: np.frombuffer(data, dtype=np.float32)}[dtype]().reshape(-1)
+
+
 def _cast(data: bytes, source: str, target: str, shape: tuple[int, ...]) -> bytes:
+    """``data`` in ``target``'s encoding; whether that lost anything is judged on the values (a BF16 head
+    in F16 is exact unless a value is out of F16's range)."""
     if source == target:
         return data
-    values = {"BF16": lambda: bf16_bytes_to_f32(data, shape),
-              "F16": lambda: np.frombuffer(data, dtype=np.float16).astype(np.float32),
-              "F32": lambda: np.frombuffer(data, dtype=np.float32)}[source]()
+    values = _as_f32(data, source, shape)
     if target == "BF16":
         return f32_to_bf16_bytes(values)
     return values.astype({"F16": np.float16, "F32": np.float32}[target]).tobytes()

@@ -1,0 +1,298 @@
+"""The release gate: prove a repo at one commit works as the real Hub clients see it.
+
+For every trunk quant at the repo root, llama.cpp's own downloader (``llama-server -hf repo:TAG``)
+runs once without and once with ``--spec-type draft-mtp``: the files it picked (read from the paths
+it loaded, inside its private cache) must be the intended trunk, head and mmproj, at the intended
+commit; the greedy tokens must equal the smoke test's; drafts must have been proposed. Then
+``huggingface_hub.snapshot_download`` of the commit must reproduce every sha256 the manifest lists.
+
+llama.cpp b11434's ``-hf`` takes no revision: it resolves the ``main`` branch through
+``/api/models/{repo}/refs`` (common/hf-cache.cpp). The gate therefore requires main to point at the
+commit under test before it starts, and checks afterwards that every file llama.cpp loaded lies
+under ``snapshots/<that commit>/`` in its cache.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import huggingface_hub
+import requests
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
+
+from mtpress.errors import GateError, ToolFailedError
+from mtpress.fsutil import sha256_file
+from mtpress.manifest import MANIFEST
+from mtpress.schema import GateSpec, SmokeSpec
+from mtpress.stages.smoke import Generation, greedy_request, parse_generation
+from mtpress.toolchain import LlamaCpp
+from mtpress.toolchain.server import llama_server
+
+LLAMA_CPP_CLIENT = "llama.cpp -hf"
+SNAPSHOT_CLIENT = "huggingface_hub snapshot_download"
+# llama.cpp's rules (common/download.cpp): names with these words are siblings, never the model.
+NOT_A_MODEL = ("mmproj", "imatrix", "mtp-", "eagle3-", "dflash-", "dspark-")
+SPLIT = re.compile(r"-\d{5}-of-\d{5}$", re.IGNORECASE)
+TAG = re.compile(r"[-.]([A-Z0-9_]+)$", re.IGNORECASE)
+LOADED = re.compile(r"snapshots/([0-9a-f]{40})/(\S+?\.gguf)")  # a file in llama.cpp's cache, at its commit
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """What `-hf repo:TAG` must give for one trunk quant (paths in the repo)."""
+
+    tag: str
+    trunk: str
+    head: str | None  # None: the trunk carries its own head (embedded), no `mtp-` file may be fetched
+    mmproj: str | None
+    tokens: tuple[int, ...] | None  # the smoke test's greedy tokens; None: compare with vs. without draft-mtp
+
+
+@dataclass(frozen=True)
+class ClientRun:
+    """One llama-server run started with `-hf`, and what it picked and produced."""
+
+    client: str
+    version: str
+    request: str
+    tag: str
+    mtp: bool
+    commit: str
+    trunk: str
+    head: str | None
+    mmproj: str | None
+    intended_head: str | None
+    tokens_compared: int
+    tokens_match: bool
+    drafted: int
+    accepted: int
+
+
+@dataclass(frozen=True)
+class SnapshotCheck:
+    client: str
+    version: str
+    commit: str
+    files_checked: int
+
+
+@dataclass(frozen=True)
+class GateResult:
+    repo: str
+    commit: str
+    runs: tuple[ClientRun, ...]
+    snapshot: SnapshotCheck
+    sha256: dict[str, str]  # the files whose content was verified, by repo path
+
+    def table(self) -> list[dict]:
+        """One row per client run plus the snapshot check: what the manifest, card and UI show."""
+        rows = [{"client": r.client, "version": r.version, "request": r.request, "trunk": r.trunk,
+                 "head": r.head or "", "mmproj": r.mmproj or "",
+                 "matches": f"{r.tokens_compared}/{r.tokens_compared} tokens" if r.tokens_match else "no",
+                 "drafted": r.drafted, "accepted": r.accepted}
+                for r in self.runs]
+        files = self.snapshot.files_checked
+        rows.append({"client": self.snapshot.client, "version": self.snapshot.version,
+                     "request": f"revision={self.commit}", "trunk": "", "head": "", "mmproj": "",
+                     "matches": f"{files}/{files} sha256", "drafted": "", "accepted": ""})
+        return rows
+
+
+def pairings_from_manifest(manifest: Mapping) -> list[Pairing]:
+    """Each root trunk with the head the release meant for it and its smoke tokens, from our manifest."""
+    files = manifest["files"]
+    root = [f for f in files if "/" not in f["path"]]
+    heads = {f["quant"]: f["path"] for f in root if f["role"] == "head"}
+    mmproj = next((f["path"] for f in root if "mmproj" in f["path"]), None)
+    smoke = {(s["layout"], s["model"]): s for s in manifest.get("smoke") or []}
+    pairings = []
+    for f in root:
+        if f["role"] != "model":
+            continue
+        record = smoke.get((f["layout"], f["name"]))
+        pairings.append(Pairing(tag=f["quant"], trunk=f["path"], head=heads.get(f["quant"]), mmproj=mmproj,
+                                tokens=tuple(record["tokens"]) if record and record.get("tokens") else None))
+    return pairings
+
+
+def pairings_from_names(paths: Sequence[str]) -> list[Pairing]:
+    """Without a manifest: each root trunk's intended head is the `mtp-` file named after it
+    (``mtp-<stem>.gguf``, i.e. carrying the trunk's tag); tokens are compared with vs. without draft-mtp."""
+    root = [p for p in paths if "/" not in p and p.endswith(".gguf")]
+    pairings = []
+    has_heads = any(p.startswith("mtp-") for p in root)
+    for path in root:
+        stem = path.removesuffix(".gguf")
+        split = SPLIT.search(stem)
+        if any(word in path for word in NOT_A_MODEL) or (split and not split.group(0).startswith("-00001-")):
+            continue  # a sibling, or a later part of a split model (-hf fetches those with the first)
+        base = SPLIT.sub("", stem)
+        if (tag := TAG.search(base)) is None:
+            continue
+        pairings.append(Pairing(tag=tag.group(1).upper(), trunk=path, head=f"mtp-{base}.gguf" if has_heads else None,
+                                mmproj=next((p for p in root if "mmproj" in p), None), tokens=None))
+    return pairings
+
+
+def check_branch_head(api: HfApi, repo: str, commit: str) -> None:
+    """llama.cpp's `-hf` reads `main`: the gate only means something if main is the commit under test."""
+    head = api.model_info(repo).sha
+    if head != commit:
+        raise GateError(f"{repo}: main is at {head}, not at {commit}, the commit to verify",
+                        hint="llama.cpp b11434's -hf has no revision option and always reads main: "
+                             "verify the branch head, or move main to the commit first")
+
+
+def gate(api: HfApi, repo: str, commit: str, pairings: Sequence[Pairing], sha256: Mapping[str, str],
+         tools: LlamaCpp, smoke: SmokeSpec, spec: GateSpec, work_dir: Path) -> GateResult:
+    """Run both clients against ``repo`` at ``commit``; raise GateError naming the file and the client."""
+    if not pairings:
+        raise GateError(f"{repo}@{commit[:12]}: no model GGUF at the repo root, so `-hf {repo}:TAG` finds nothing",
+                        hint="the first layout of a release sits at the root; check the repo's files")
+    check_branch_head(api, repo, commit)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    runs = []
+    # One cache for every run: each file is downloaded once, and a run's picks are read from the paths
+    # it loaded, which the shared cache does not blur.
+    with tempfile.TemporaryDirectory(prefix="gate-llama-cache-", dir=work_dir) as cache:
+        for pairing in pairings:
+            plain = _run(tools, api, repo, pairing, smoke, spec, Path(cache), mtp=False)
+            want = n_predict(pairing, spec)
+            runs.append(_check(repo, commit, pairing, plain, tools.version, want, reference=None))
+            with_mtp = _run(tools, api, repo, pairing, smoke, spec, Path(cache), mtp=True)
+            runs.append(_check(repo, commit, pairing, with_mtp, tools.version, want, reference=plain[0].tokens))
+    check_branch_head(api, repo, commit)  # main did not move while the clients read it
+    snapshot = check_snapshot(api, repo, commit, sha256, work_dir)
+    return GateResult(repo, commit, tuple(runs), snapshot, dict(sha256))
+
+
+def _run(tools: LlamaCpp, api: HfApi, repo: str, pairing: Pairing, smoke: SmokeSpec, spec: GateSpec, cache: Path,
+         *, mtp: bool) -> tuple[Generation, list[tuple[str, str]], list[str]]:
+    request = ["-hf", f"{repo}:{pairing.tag}"]
+    if mtp:
+        request += ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(smoke.draft_n_max)]
+    env = {"MODEL_ENDPOINT": api.endpoint.rstrip("/") + "/", "LLAMA_CACHE": str(cache)}
+    if isinstance(api.token, str):
+        env["HF_TOKEN"] = api.token  # the environment only: llama.cpp reads it there, argv is visible to all
+    try:
+        with llama_server(tools, [*request, "-c", "2048"], timeout=smoke.timeout_s, env=env) as server:
+            body = server.completion(greedy_request(smoke.prompt, n_predict(pairing, spec)), timeout=smoke.timeout_s)
+            # The model's path is only in /props at the default log level; the draft head's and the mmproj's
+            # are logged ("loading draft model '…'", "loaded multimodal model, '…'").
+            model_path = requests.get(f"{server.url}/props", timeout=30).json().get("model_path", "")
+            log = server.log_path.read_text(errors="replace")
+    except ToolFailedError as e:
+        raise GateError(f"trunk {pairing.trunk}: {LLAMA_CPP_CLIENT} {' '.join(request[1:])} did not serve: "
+                        f"{e.output_tail.strip().splitlines()[-1] if e.output_tail.strip() else 'no output'}",
+                        hint="the repo or a file it should pick is missing, or the token cannot read it") from e
+    loaded = list(dict.fromkeys(LOADED.findall(f"{model_path}\n{log}")))
+    return parse_generation(body), loaded, request
+
+
+def n_predict(pairing: Pairing, spec: GateSpec) -> int:
+    """The smoke tokens are a longer greedy run of the same prompt: a shorter one must be their prefix."""
+    return min(spec.n_predict, len(pairing.tokens)) if pairing.tokens else spec.n_predict
+
+
+def _check(repo: str, commit: str, pairing: Pairing, run: tuple[Generation, list[tuple[str, str]], list[str]],
+           version: str, want: int, *, reference: tuple[int, ...] | None) -> ClientRun:
+    generation, loaded, request = run
+    mtp = reference is not None
+    what = f"trunk {pairing.trunk}: {LLAMA_CPP_CLIENT} {' '.join(request[1:])}"
+    commits = {c for c, _ in loaded}
+    if commits != {commit}:
+        raise GateError(f"{what} read commit(s) {', '.join(sorted(commits)) or 'none'} of {repo}, not {commit}",
+                        hint="main moved during the gate, or llama.cpp loaded nothing from the Hub; rerun")
+    picked = [p for _, p in loaded]
+    trunks = [p for p in picked if not any(w in PurePosixPath(p).name for w in NOT_A_MODEL)]
+    heads = [p for p in picked if "mtp-" in PurePosixPath(p).name]
+    mmprojs = [p for p in picked if "mmproj" in PurePosixPath(p).name]
+    trunk, head, mmproj = (trunks or [None])[0], (heads or [None])[0], (mmprojs or [None])[0]
+    if trunk != pairing.trunk:
+        raise GateError(f"{what} picked trunk {trunk or 'none'}, intended {pairing.trunk}",
+                        hint="-hf takes the first root file whose name carries the tag: rename so only the "
+                             "intended trunk carries it")
+    if mtp and head != pairing.head:
+        raise GateError(f"{what} picked head {head or 'none'}, intended {pairing.head or 'none (embedded head)'}",
+                        hint="-hf prefers a head named with the trunk's exact -TAG., else the nearest bit count: "
+                             "name each trunk's head mtp-<trunk name>")
+    if mmproj != pairing.mmproj:
+        raise GateError(f"{what} picked mmproj {mmproj or 'none'}, intended {pairing.mmproj or 'none'}")
+    if len(generation.tokens) != want:
+        raise GateError(f"{what}: generated {len(generation.tokens)} tokens, asked for {want}")
+    expected = pairing.tokens[:want] if pairing.tokens else reference
+    if expected is None:  # the plain run of a repo without recorded tokens is the reference itself
+        expected = generation.tokens
+    if generation.tokens != expected:
+        first = next((i for i, (a, b) in enumerate(zip(generation.tokens, expected)) if a != b),
+                     min(len(generation.tokens), len(expected)))
+        against = "the smoke test's" if pairing.tokens else "the run without draft-mtp"
+        raise GateError(f"{what}: greedy tokens differ from {against} at token {first}",
+                        hint="the file served is not the one tested; do not promote this commit")
+    if mtp and generation.drafted == 0:
+        raise GateError(f"{what}: draft-mtp proposed no drafts with head {head or 'embedded'}",
+                        hint="the head did not load or does not fit the trunk")
+    return ClientRun(client=LLAMA_CPP_CLIENT, version=f"b{version}", request=" ".join(request), tag=pairing.tag,
+                     mtp=mtp, commit=commit, trunk=trunk, head=head, mmproj=mmproj, intended_head=pairing.head,
+                     tokens_compared=len(generation.tokens), tokens_match=True, drafted=generation.drafted,
+                     accepted=generation.accepted)
+
+
+def check_snapshot(api: HfApi, repo: str, commit: str, sha256: Mapping[str, str], work_dir: Path) -> SnapshotCheck:
+    """snapshot_download of ``commit`` into an empty cache must reproduce every listed sha256."""
+    with tempfile.TemporaryDirectory(prefix="gate-snapshot-", dir=work_dir) as cache:
+        folder = Path(huggingface_hub.snapshot_download(repo, revision=commit, cache_dir=cache, endpoint=api.endpoint,
+                                                        token=api.token))
+        for path, expected in sorted(sha256.items()):
+            local = folder / path
+            if not local.is_file():
+                raise GateError(f"{path}: {SNAPSHOT_CLIENT} of {repo}@{commit[:12]} has no such file")
+            got = sha256_file(local.resolve())
+            if got != expected:
+                raise GateError(f"{path}: {SNAPSHOT_CLIENT} of {repo}@{commit[:12]} has sha256 {got}, "
+                                f"the manifest says {expected}",
+                                hint="the repo does not hold the files that were tested; do not promote it")
+    return SnapshotCheck(SNAPSHOT_CLIENT, huggingface_hub.__version__, commit, len(sha256))
+
+
+def verify_repo(api: HfApi, repo: str, tools: LlamaCpp, work_dir: Path, *, revision: str | None = None,
+                tags: Sequence[str] | None = None) -> GateResult:
+    """The gate, read-only, on any published repo: with its manifest.json when it has one (ours), else
+    with the pairing its names imply and tokens compared with vs. without draft-mtp."""
+    try:
+        commit = api.model_info(repo, revision=revision).sha
+    except HfHubHTTPError as e:
+        raise GateError(f"{repo}{'@' + revision if revision else ''}: {SNAPSHOT_CLIENT.split()[0]} cannot read it from "
+                        f"{api.endpoint}: {str(e).splitlines()[0]}",
+                        hint="check the repo id and revision; a private repo needs HF_TOKEN") from e
+    paths = api.list_repo_files(repo, revision=commit)
+    if MANIFEST in paths:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="gate-manifest-", dir=work_dir) as cache:
+            manifest = json.loads(Path(api.hf_hub_download(repo, MANIFEST, revision=commit, cache_dir=cache))
+                                  .read_text(encoding="utf-8"))
+        pairings = pairings_from_manifest(manifest)
+        sha256 = {f["path"]: f["sha256"] for f in manifest["files"]}
+        config = manifest.get("config") or {}
+        smoke = SmokeSpec(**{k: v for k, v in (config.get("smoke") or {}).items() if k in SmokeSpec.model_fields})
+        spec = GateSpec(**{k: v for k, v in (config.get("gate") or {}).items() if k in GateSpec.model_fields})
+    else:
+        pairings = pairings_from_names(paths)
+        info = api.model_info(repo, revision=commit, files_metadata=True)
+        # Without a manifest, the Hub's own record of each file is what a download must reproduce.
+        sha256 = {s.rfilename: s.lfs.sha256 for s in info.siblings or [] if s.lfs and s.rfilename.endswith(".gguf")}
+        smoke, spec = SmokeSpec(), GateSpec()
+    if tags:
+        wanted = {t.upper() for t in tags}
+        pairings = [p for p in pairings if p.tag in wanted]
+        if missing := wanted - {p.tag for p in pairings}:
+            root = ", ".join(p for p in paths if "/" not in p and p.endswith(".gguf"))
+            raise GateError(f"{repo}@{commit[:12]}: no root trunk carries {', '.join(sorted(missing))}",
+                            hint=f"its root GGUFs: {root or 'none'}")
+    return gate(api, repo, commit, pairings, sha256, tools, smoke, spec, work_dir)

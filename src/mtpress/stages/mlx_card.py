@@ -1,0 +1,108 @@
+"""The MTPLX pack's own bilingual card, rendered from the pack's manifest with the GGUF card's machinery
+(sandboxed templates, escaping filters, front matter dumped from a dict, encoding-damage check).
+
+Every figure comes from the pack manifest: body bits and group size, head dtype, sizes, the checks
+that ran on Linux and their outcomes, MTPLX's probe agreement, and the verification level, which
+says "unverified on Apple Silicon" until the release workflow's macOS job records a real one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mtpress.manifest import read_manifest, write_manifest
+from mtpress.schema import REPO_ID
+from mtpress.stages.card import (
+    CARD_FILES,
+    TEMPLATES_DIR,
+    RenderedCard,
+    Safe,
+    _check_front_matter_round_trip,
+    _license,
+    _license_id,
+    _render_template,
+    _with_front_matter,
+    check_no_mojibake,
+    write_card,
+)
+from mtpress.stages.export_mlx import CONTRACT_FILE, verification_level, verified_contract
+
+MLX_TEMPLATES_DIR = TEMPLATES_DIR / "mtplx"
+
+
+def render_mlx_card(manifest: Mapping[str, Any]) -> RenderedCard:
+    matter = mlx_front_matter(manifest)
+    facts = _facts(manifest)
+    files = {}
+    for lang, name in CARD_FILES.items():
+        body = _render_template(MLX_TEMPLATES_DIR, lang, f"{name}.j2", card=facts,
+                                links={other: Safe(path) for other, path in CARD_FILES.items()})
+        text = _with_front_matter(matter, body) if name == "README.md" else body
+        check_no_mojibake(text, where=name)
+        files[name] = text
+    _check_front_matter_round_trip(files["README.md"], matter)
+    return RenderedCard(files, matter)
+
+
+def mlx_front_matter(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """Model-tree metadata: the fine-tune is the base model, this pack a quantization of it."""
+    matter: dict[str, Any] = {}
+    finetune = ((manifest.get("inputs") or {}).get("finetune") or {}).get("repo")
+    if isinstance(finetune, str) and REPO_ID.fullmatch(finetune):
+        matter["base_model"] = finetune
+        matter["base_model_relation"] = "quantized"
+    license_id = _license_id(_license(manifest)[0])
+    if license_id is not None:
+        matter["license"] = license_id
+    matter["language"] = ["en", "zh"]
+    matter["library_name"] = "mlx"
+    matter["pipeline_tag"] = "text-generation"
+    matter["tags"] = ["mlx", "mtplx", "mtp", "speculative-decoding", "apple-silicon"]
+    return matter
+
+
+def _facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    pack, checks = manifest["pack"], manifest["checks"]
+    finetune = (manifest.get("inputs") or {}).get("finetune") or {}
+    license_text, license_source = _license(manifest)
+    return {
+        "title": manifest["repo"].split("/", 1)[1],
+        "repo": manifest["repo"],
+        "gguf_repo": manifest.get("gguf_repo"),
+        "finetune": {key: finetune.get(key) for key in ("repo", "label", "revision")},
+        "donor": ((manifest.get("inputs") or {}).get("donor") or {}).get("repo"),
+        "pack": pack,
+        "head_share": pack["head_bytes"] / pack["total_bytes"],
+        "checks": checks,
+        "probe_variants": checks["probe_variants"],
+        "verified": pack["verification"] != manifest["unverified_level"],
+        "verification": manifest.get("verification"),
+        "forge_verify": manifest.get("forge_verify") or [],
+        "verified_on": manifest.get("verified_on") or {},
+        "tools": manifest["mlx_tools"],
+        "hardware": manifest["hardware"],
+        "license": {"text": license_text, "source": license_source},
+    }
+
+
+def record_verification(folder: Path) -> str:
+    """After MTPLX's forge verification stamped ``mtplx_runtime.json`` on Apple Silicon (the release
+    workflow's macOS job): accept it only as a real record, put it in the pack's manifest, re-render the
+    card. Returns the verification level; raises QualityGateError (changing nothing) for anything less."""
+    contract = verified_contract(json.loads((folder / CONTRACT_FILE).read_text(encoding="utf-8")))
+    manifest = read_manifest(folder)
+    manifest["pack"]["verification"] = verification_level(contract)
+    manifest["verification"] = contract["verification"]
+    manifest["forge_verify"] = [
+        {"depth": int(row.get("depth") or 0), "tok_s": row.get("tok_s"),
+         "acceptance_by_position": list(row.get("acceptance_by_position") or [])}
+        for row in contract["speed_evidence"]["forge_verify_rows"]]
+    manifest["verified_on"] = contract["verified_on"]
+    manifest.pop("schema_version", None)
+    card = render_mlx_card({**manifest})
+    write_manifest(folder, manifest)
+    write_card(folder, card)
+    return manifest["pack"]["verification"]

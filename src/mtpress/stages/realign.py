@@ -1,0 +1,305 @@
+"""Re-align the MTP head to the fine-tune it drafts for.
+
+A copied head learnt the base model's hidden states; fine-tuning moved them. This stage trains only
+the head's tensors against the fine-tune's own trunk, in two steps:
+
+1. ``collect_hidden_states``: llama-server (one process, ``--embeddings --pooling none``) serves the
+   trunk's BF16 GGUF, greedily continues every prompt of a prompt set (the shipped
+   ``data/realign_prompts.jsonl``, disjoint from the bench prompts, or the user's own JSONL), and
+   returns the trunk's final hidden state (after the output norm: what draft-mtp feeds the head) at
+   every position. Tokens and states are streamed to disk in chunks, so no model is held twice and a
+   9B's states never sit in memory at once. The trunk's digest is stored with them.
+2. ``realign``: refuses data collected from another trunk, runs ``realign_trainer.py`` under the
+   converter's Python (torch; any torch device) on the head tensors, and writes the trained head as
+   the extra shard ``model-mtp.safetensors`` of a new model directory whose trunk shards are
+   hard-links of the input's, byte-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import requests
+from pydantic import BaseModel, ConfigDict, Field
+
+from mtpress.archs.base import ArchSpec
+from mtpress.checkpoint import INDEX, ModelDir
+from mtpress.errors import ModelError, ToolchainError, TrunkMismatchError
+from mtpress.fsutil import atomic_path, sha256_file, write_text_atomic
+from mtpress.manifest import hardware
+from mtpress.stages.bench import first_per_domain, load_prompts
+from mtpress.stages.gguf_files import GgufFile
+from mtpress.stages.inject import HEAD_SHARD, _link_or_copy
+from mtpress.toolchain import LlamaCpp, run_tool
+from mtpress.toolchain.server import llama_server
+
+PROMPTS_RESOURCE = "data/realign_prompts.jsonl"
+DATA_FORMAT = 1
+DATA_FILE = "hidden-states.json"
+HeadSource = Literal["copy", "realign", "best"]
+TRAINER = Path(__file__).parents[1] / "realign_trainer.py"  # runs under the converter's Python, which has torch
+# The HeadSpec keys the trainer reads: a change to any of them is a different head.
+TRAINER_KEYS = {"seed", "max_steps", "batch_sequences", "learning_rate", "eval_every", "patience", "loss",
+                "candidates", "device", "threads", "heldout_fraction"}
+
+
+class HeadSpec(BaseModel):
+    """Which head the release publishes, and how a re-aligned one is trained; the config's ``head:`` section.
+
+    ``copy``: the donor's head as injected. ``realign``: a head trained on the fine-tune's own output.
+    ``best``: both are measured by the bench on the same files and prompts, and the head with the higher
+    acceptance by llama.cpp's draft counts is published.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: HeadSource = "copy"
+    prompts: Path | None = Field(default=None, description="JSONL of {id, domain, prompt}; default: the shipped set")
+    per_domain: Annotated[int, Field(ge=1)] | None = None  # the first N prompts of each domain; None: all
+    n_predict: Annotated[int, Field(ge=8, le=4096)] = 256  # greedy tokens generated per prompt
+    heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25  # of the sequences; early stopping watches them
+    seed: int = 0
+    max_steps: Annotated[int, Field(ge=1)] = 400
+    batch_sequences: Annotated[int, Field(ge=1)] = 8
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-3
+    eval_every: Annotated[int, Field(ge=1)] = 25
+    patience: Annotated[int, Field(ge=1)] = 4  # evaluations without a better held-out acceptance before stopping
+    # "hidden": match the trunk's hidden state h_q, which decides its next token through the shared lm_head,
+    # at every position (no vocabulary-sized product, so CPU-cheap). "cross-entropy": the trunk's generated
+    # next token, over ``candidates`` tokens (those the trunk said plus random others; None = the vocabulary).
+    loss: Literal["hidden", "cross-entropy"] = "hidden"
+    candidates: Annotated[int, Field(ge=2)] | None = 8192
+    device: str = "cpu"  # any torch device the converter's torch supports, e.g. "cuda"
+    threads: Annotated[int, Field(ge=1)] = 2  # fixed, so results do not depend on the machine's core count
+    timeout_s: Annotated[float, Field(gt=0)] = 6 * 3600.0
+
+
+@dataclass(frozen=True)
+class HiddenStates:
+    """The trunk's hidden states on a prompt set, on disk in ``path``; ``trunk_digest`` names the trunk."""
+
+    path: Path
+    trunk_digest: str
+    gguf_sha256: str
+    prompt_set: str
+    prompt_set_sha256: str
+    sequences: int
+    tokens: int
+    generated_tokens: int
+    hidden_size: int
+    chunks: tuple[str, ...]
+
+    @property
+    def output_files(self) -> tuple[Path, ...]:
+        return (self.path / DATA_FILE, *(self.path / f"{c}.{kind}.npy" for c in self.chunks
+                                         for kind in ("tokens", "hidden")))
+
+
+@dataclass(frozen=True)
+class RealignResult:
+    model: ModelDir
+    head_sha256: str
+    data_source: str
+    data_tokens: int  # every position of the collected sequences (prompt and generated tokens)
+    generated_tokens: int  # of which the trunk generated
+    train_positions: int
+    heldout_positions: int
+    steps: int
+    best_step: int
+    loss_curve: tuple[dict[str, float], ...]
+    heldout_curve: tuple[dict[str, float], ...]
+    acceptance_before: float  # held-out, draft length 1, full-vocabulary argmax, as the trainer saw it
+    acceptance_after: float
+    # How often the trunk's argmax over lm_head · h equals the token llama.cpp generated: 1.0 proves the collected
+    # states are the ones llama.cpp decodes from (the head is trained on what it will be fed).
+    trunk_agreement: float
+    seed: int
+    wall_seconds: float
+    hardware: dict[str, Any]
+    parameters: int
+    spec: dict[str, Any]
+
+    @property
+    def output_files(self) -> tuple[Path, ...]:
+        return (Path(self.model.path) / HEAD_SHARD, Path(self.model.path) / INDEX)
+
+
+def prompt_file(path: Path | None = None) -> Path:
+    return path or Path(str(resources.files("mtpress").joinpath(PROMPTS_RESOURCE)))
+
+
+def trunk_digest(model: ModelDir, arch: ArchSpec) -> str:
+    """The trunk's identity: every non-head tensor's name, dtype, shape and shard sha256.
+
+    Raises ModelError when a shard mixes head and trunk tensors: a re-aligned head must live in a shard
+    of its own, or replacing it would rewrite trunk bytes.
+    """
+    head_shards = {model.weight_map[n] for n in model.tensors if arch.is_head_tensor(n)}
+    trunk = {n: t for n, t in model.tensors.items() if not arch.is_head_tensor(n)}
+    mixed = sorted(head_shards & {model.weight_map[n] for n in trunk})
+    if mixed:
+        raise ModelError(f"{model.label}: {', '.join(mixed)} holds both MTP head and trunk tensors",
+                         hint="realign needs the head in its own shard; it is, after `inject` from a donor")
+    h = hashlib.sha256()
+    for name in sorted(trunk):
+        shard = model.weight_map[name]
+        h.update(f"{name}\0{trunk[name].dtype}\0{list(trunk[name].shape)}\0{sha256_file(model.path / shard)}\n"
+                 .encode())
+    return h.hexdigest()
+
+
+def collect_hidden_states(model: ModelDir, trunk: GgufFile, arch: ArchSpec, spec: HeadSpec, tools: LlamaCpp,
+                          out: Path, *, chunk_tokens: int = 32768) -> HiddenStates:
+    """Greedy continuations of the prompt set by ``trunk`` (the BF16 GGUF of ``model``'s trunk) and the
+    trunk's hidden state at every position, written to ``out`` (replaced whole, atomically)."""
+    source = prompt_file(spec.prompts)
+    prompts = first_per_domain(load_prompts(source), spec.per_domain)
+    context = 2 * spec.n_predict + 512
+    # One ubatch holds a whole sequence: with --pooling none llama-server refuses inputs longer than it.
+    args = ["-m", str(trunk.path), "-c", str(context), "-b", str(context), "-ub", str(context), "--embeddings",
+            "--pooling", "none"]
+    records: list[dict[str, Any]] = []
+    tokens_buf: list[np.ndarray] = []
+    hidden_buf: list[np.ndarray] = []
+    written: list[str] = []
+    hidden_size = 0
+    with atomic_path(out) as staging:
+        staging.mkdir()
+
+        def flush() -> None:
+            if tokens_buf:
+                name = f"chunk-{len(written):05d}"
+                np.save(staging / f"{name}.tokens.npy", np.concatenate(tokens_buf))
+                np.save(staging / f"{name}.hidden.npy", np.concatenate(hidden_buf))
+                written.append(name)
+                tokens_buf.clear()
+                hidden_buf.clear()
+
+        with llama_server(tools, args, timeout=spec.timeout_s, threads=spec.threads) as server:
+            offset = 0
+            for prompt in prompts:
+                prompt_tokens = _post(server.url, "tokenize", {"content": prompt.prompt, "add_special": True},
+                                      spec.timeout_s)["tokens"][:context - spec.n_predict - 1]
+                body = _post(server.url, "completion", {
+                    "prompt": prompt_tokens, "n_predict": spec.n_predict, "temperature": 0, "top_k": 1,
+                    "samplers": ["top_k"], "seed": spec.seed, "return_tokens": True, "cache_prompt": False,
+                    "ignore_eos": True}, spec.timeout_s)
+                sequence = [*prompt_tokens, *body["tokens"]]
+                [answer] = _post(server.url, "embeddings", {"content": [sequence]}, spec.timeout_s)
+                hidden = np.asarray(answer["embedding"], dtype=np.float32)
+                if hidden.shape[0] != len(sequence):
+                    raise ToolchainError(f"llama-server returned {hidden.shape[0]} hidden states for a "
+                                         f"{len(sequence)}-token sequence (prompt {prompt.id!r})",
+                                         hint="the realign stage needs --pooling none embeddings of b11434")
+                hidden_size = hidden.shape[1]
+                records.append({"id": prompt.id, "domain": prompt.domain, "chunk": f"chunk-{len(written):05d}",
+                                "offset": offset, "length": len(sequence), "prompt_tokens": len(prompt_tokens)})
+                tokens_buf.append(np.asarray(sequence, dtype=np.int32))
+                hidden_buf.append(hidden)
+                offset += len(sequence)
+                if offset >= chunk_tokens:
+                    flush()
+                    offset = 0
+        flush()
+        meta = {"format": DATA_FORMAT, "trunk_digest": trunk_digest(model, arch), "gguf": trunk.name,
+                "gguf_sha256": trunk.sha256, "prompt_set": _source_label(spec.prompts),
+                "prompt_set_sha256": sha256_file(source), "n_predict": spec.n_predict, "seed": spec.seed,
+                "hidden_size": hidden_size, "sequences": records}
+        write_text_atomic(staging / DATA_FILE, json.dumps(meta, indent=1) + "\n")
+    return _describe_data(out)
+
+
+def load_hidden_states(path: Path) -> HiddenStates:
+    """Hidden states collected earlier (``collect_hidden_states``' output directory)."""
+    return _describe_data(path)
+
+
+def realign(model: ModelDir, data: HiddenStates, arch: ArchSpec, spec: HeadSpec, tools: LlamaCpp,
+            out: Path) -> RealignResult:
+    """Train ``model``'s head on ``data`` and write ``out``: ``model``'s trunk shards hard-linked, the new head
+    as ``model-mtp.safetensors``, an index covering both. Raises TrunkMismatchError if ``data`` came from
+    another trunk."""
+    if arch.name != "qwen35":
+        raise ModelError(f"realign implements the Qwen3.5 draft-mtp head; {model.label} is {arch.name}",
+                         hint="use `head: {source: copy}` for this architecture")
+    digest = trunk_digest(model, arch)
+    if digest != data.trunk_digest:
+        raise TrunkMismatchError(
+            f"the hidden states in {data.path} were produced by another trunk than {model.label}'s "
+            f"(trunk digest {data.trunk_digest[:16]}…, this model's {digest[:16]}…)",
+            hint="collect the hidden states again from this model's own BF16 GGUF (collect_hidden_states)")
+    head_names = sorted(arch.expected_head(model.config))
+    missing = [n for n in head_names if n not in model.tensors]
+    if missing:
+        raise ModelError(f"{model.label} has no head to start from (missing {', '.join(missing[:3])}…)",
+                         hint="inject a donor's head first; realign trains it further")
+    meta = json.loads((data.path / DATA_FILE).read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as staging:
+        staging.mkdir()
+        scratch = staging / ".trainer"
+        job = {"model": str(model.path), "data": str(data.path), "out": str(scratch),
+               "config": arch.text_config(model.config), "head_tensors": head_names,
+               "sequences": meta["sequences"], **spec.model_dump(mode="json", include=TRAINER_KEYS)}
+        job_path = staging / ".trainer-job.json"
+        write_text_atomic(job_path, json.dumps(job))
+        run_tool([str(tools.python), str(TRAINER), str(job_path)], timeout=spec.timeout_s)
+        report = json.loads((scratch / "report.json").read_text())
+        for entry in model.path.iterdir():
+            if entry.is_file() and entry.name not in (INDEX, HEAD_SHARD):
+                _link_or_copy(entry, staging / entry.name)
+        os.replace(scratch / "head.safetensors", staging / HEAD_SHARD)
+        shutil.rmtree(scratch)
+        job_path.unlink()
+        weight_map = {n: s for n, s in model.weight_map.items() if not arch.is_head_tensor(n)}
+        weight_map |= {n: HEAD_SHARD for n in head_names}
+        trunk_bytes = sum(t.end - t.begin for n, t in model.tensors.items() if not arch.is_head_tensor(n))
+        head_bytes = sum(model.tensors[n].end - model.tensors[n].begin for n in head_names)
+        index = {"metadata": {"total_size": trunk_bytes + head_bytes,
+                              "mtpress_head": f"re-aligned on {data.generated_tokens} tokens of the trunk's output"},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        write_text_atomic(staging / INDEX, json.dumps(index, indent=2) + "\n")
+    head_shard = out / HEAD_SHARD
+    machine = hardware()
+    if report["device"] != "cpu":
+        machine["gpu"] = report["device"]
+    return RealignResult(
+        model=ModelDir(out, f"{model.label}, head re-aligned", model.revision), head_sha256=sha256_file(head_shard),
+        data_source=data.prompt_set, data_tokens=data.tokens, generated_tokens=data.generated_tokens,
+        train_positions=report["train_positions"],
+        heldout_positions=report["heldout_positions"], steps=report["steps"], best_step=report["best_step"],
+        loss_curve=tuple(report["loss_curve"]), heldout_curve=tuple(report["heldout_curve"]),
+        acceptance_before=report["acceptance_before"], acceptance_after=report["acceptance_after"],
+        trunk_agreement=report["trunk_agreement"], seed=spec.seed,
+        wall_seconds=report["seconds"], hardware={**machine, "device": report["device"], "threads": report["threads"],
+                                                  "torch": report["torch"]},
+        parameters=report["parameters"], spec=spec.model_dump(mode="json", include=TRAINER_KEYS))
+
+
+def _post(url: str, endpoint: str, payload: dict, timeout: float) -> Any:
+    response = requests.post(f"{url}/{endpoint}", json=payload, timeout=timeout)
+    response.raise_for_status()
+    return response.json()
+
+
+def _source_label(path: Path | None) -> str:
+    return f"mtpress/{PROMPTS_RESOURCE}" if path is None else str(path)
+
+
+def _describe_data(path: Path) -> HiddenStates:
+    meta = json.loads((path / DATA_FILE).read_text())
+    records = meta["sequences"]
+    return HiddenStates(
+        path=path, trunk_digest=meta["trunk_digest"], gguf_sha256=meta["gguf_sha256"], prompt_set=meta["prompt_set"],
+        prompt_set_sha256=meta["prompt_set_sha256"], sequences=len(records),
+        tokens=sum(r["length"] for r in records),
+        generated_tokens=sum(r["length"] - r["prompt_tokens"] for r in records), hidden_size=meta["hidden_size"],
+        chunks=tuple(sorted({r["chunk"] for r in records})))

@@ -1,0 +1,192 @@
+"""The release gate against the local Hub with the real llama.cpp -hf downloader and snapshot_download.
+
+The repos here are private and the endpoint accepts one token, so every check also proves that llama.cpp
+got the token through its environment (a private repo is a 404 without it).
+"""
+
+import json
+
+import pytest
+from huggingface_hub import CommitOperationAdd, HfApi
+from typer.testing import CliRunner
+
+from mtpress.errors import GateError
+from mtpress.schema import GateSpec, SmokeSpec, Target
+from mtpress.stages.gate import check_snapshot, gate, pairings_from_manifest, pairings_from_names
+from tests.conftest import TEST_TOKEN
+
+SMOKE = SmokeSpec(n_predict=16)
+GATE = GateSpec(n_predict=8)
+
+
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory, toolchain, demo_pair):
+    """The demo base as a sidecar BF16 trunk and head, and its greedy tokens as the smoke stage records them
+    (from the run without draft-mtp)."""
+    from mtpress.archs import get_arch
+    from mtpress.checkpoint import ModelDir
+    from mtpress.stages.convert import convert
+    from mtpress.stages.smoke import generate, server_args
+
+    trunk, head = convert(ModelDir(demo_pair[0], "base"), get_arch("qwen35"), "sidecar", name="T", tools=toolchain,
+                          out_dir=tmp_path_factory.mktemp("sidecar"))
+    plain = generate(toolchain, server_args(trunk, head, mtp=False, draft_n_max=SMOKE.draft_n_max), SMOKE)
+    return trunk, head, plain.tokens
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    from mtpress.hub.server import LocalHub
+
+    root = tmp_path_factory.mktemp("gate-hub")
+    mp = pytest.MonkeyPatch()
+    with LocalHub(root / "hub", tokens={TEST_TOKEN}) as local:
+        mp.setenv("HF_ENDPOINT", local.url)
+        mp.setenv("HF_TOKEN", TEST_TOKEN)
+        mp.setenv("HF_HOME", str(root / "hf_home"))
+        yield HfApi(endpoint=local.url, token=TEST_TOKEN)
+    mp.undo()
+
+
+def manifest_for(files: dict, tokens: tuple[int, ...]) -> dict:
+    """The part of a release manifest the gate reads, for files named as in `files` (repo path → GgufFile)."""
+    records = [{"path": path, "name": path.rsplit("/", 1)[-1], "layout": "sidecar", "role": f.role,
+                "quant": "BF16", "sha256": f.sha256} for path, f in files.items()]
+    smoke = [{"model": "T-BF16.gguf", "layout": "sidecar", "tokens": list(tokens)}]
+    return {"files": records, "smoke": smoke, "config": {"smoke": SMOKE.model_dump(mode="json"),
+                                                          "gate": GATE.model_dump(mode="json")}}
+
+
+def upload(api: HfApi, repo: str, files: dict, manifest: dict | None = None) -> str:
+    operations = [CommitOperationAdd(path, str(f.path)) for path, f in files.items()]
+    if manifest is not None:
+        operations.append(CommitOperationAdd("manifest.json", json.dumps(manifest).encode()))
+    api.create_repo(repo, private=True, exist_ok=True)
+    return api.create_commit(repo, operations, commit_message="release").oid
+
+
+def test_a_correctly_named_repo_passes_with_the_smoke_tokens(hub, sidecar, toolchain, tmp_path):
+    trunk, head, tokens = sidecar
+    files = {"T-BF16.gguf": trunk, "mtp-T-BF16.gguf": head}
+    manifest = manifest_for(files, tokens)
+    commit = upload(hub, "mtpress-demo/Good-GGUF", files, manifest)
+
+    sha256 = {p: f.sha256 for p, f in files.items()}
+    result = gate(hub, "mtpress-demo/Good-GGUF", commit, pairings_from_manifest(manifest), sha256, toolchain,
+                  SMOKE, GATE, tmp_path)
+    plain, mtp = result.runs
+    assert (plain.trunk, plain.head, plain.mtp) == ("T-BF16.gguf", None, False)
+    assert (mtp.trunk, mtp.head, mtp.mtp) == ("T-BF16.gguf", "mtp-T-BF16.gguf", True)
+    assert plain.commit == mtp.commit == commit and plain.version == "b11434"
+    assert plain.tokens_match and mtp.tokens_match and mtp.tokens_compared == GATE.n_predict
+    assert 0 < mtp.accepted <= mtp.drafted
+    assert result.snapshot.files_checked == 2
+    assert [row["client"] for row in result.table()] == ["llama.cpp -hf"] * 2 + ["huggingface_hub snapshot_download"]
+    assert not list(tmp_path.iterdir()), "the clients' downloads are removed"
+
+
+def test_a_misnamed_head_is_refused_and_nothing_reaches_the_target(hub, sidecar, toolchain, tmp_path):
+    """ggml-org/convert's shape: Q8_0 and Q4_0 heads beside a Q4_K_M trunk, where -hf takes the nearest bit
+    count. Staged as the flow stages a release; the gate refuses before anything is promoted."""
+    from mtpress.stages.publish import publish
+
+    trunk, head, _ = sidecar
+    release = tmp_path / "release"
+    release.mkdir()
+    for name, f in {"T-Q4_K_M.gguf": trunk, "mtp-T-Q8_0.gguf": head, "mtp-T-Q4_0.gguf": head}.items():
+        (release / name).hardlink_to(f.path)
+    target = Target(repo="mtpress-demo/Misnamed-GGUF")
+    staged = publish(release, target.staging, hub, message="stage")
+    assert staged.repo == "mtpress-demo/Misnamed-GGUF-staging" and hub.model_info(staged.repo).private
+    pairings = pairings_from_names(hub.list_repo_files(staged.repo))
+    assert [(p.tag, p.trunk, p.head) for p in pairings] == [("Q4_K_M", "T-Q4_K_M.gguf", "mtp-T-Q4_K_M.gguf")]
+    with pytest.raises(GateError, match=r"trunk T-Q4_K_M\.gguf: llama\.cpp -hf .*:Q4_K_M --spec-type draft-mtp .*"
+                                        r"picked head mtp-T-Q4_0\.gguf, intended mtp-T-Q4_K_M\.gguf"):
+        gate(hub, staged.repo, staged.commit, pairings, {}, toolchain, SMOKE, GATE, tmp_path / "gate")
+    assert not hub.repo_exists(target.repo)
+
+
+def test_a_snapshot_that_does_not_reproduce_a_sha256_is_caught(hub, sidecar, tmp_path):
+    trunk, head, _ = sidecar
+    commit = upload(hub, "mtpress-demo/Sha-GGUF", {"T-BF16.gguf": trunk})
+    with pytest.raises(GateError, match=r"T-BF16\.gguf: huggingface_hub snapshot_download of .* has sha256 "
+                                        rf"{trunk.sha256}, the manifest says {head.sha256}"):
+        check_snapshot(hub, "mtpress-demo/Sha-GGUF", commit, {"T-BF16.gguf": head.sha256}, tmp_path)
+    with pytest.raises(GateError, match=r"mtp-T-BF16\.gguf: huggingface_hub snapshot_download .* no such file"):
+        check_snapshot(hub, "mtpress-demo/Sha-GGUF", commit, {"mtp-T-BF16.gguf": head.sha256}, tmp_path)
+
+
+def test_verify_cli_checks_a_published_repo_and_refuses_a_revision_it_cannot_pin(hub, sidecar, tmp_path):
+    from mtpress.cli import app
+
+    trunk, head, tokens = sidecar
+    files = {"T-BF16.gguf": trunk, "mtp-T-BF16.gguf": head}
+    repo = "mtpress-demo/Verify-GGUF"
+    first = upload(hub, repo, files, manifest_for(files, tokens))
+    runner = CliRunner()
+    result = runner.invoke(app, ["verify", repo, "--work-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "draft-mtp --spec-draft-n-max 2: T-BF16.gguf + mtp-T-BF16.gguf; 8/8 tokens, drafted" in result.output
+    assert f"{repo}@{first}: passed" in result.output
+    assert TEST_TOKEN not in result.output
+
+    hub.create_commit(repo, [CommitOperationAdd("notes.txt", b"later")], commit_message="later")
+    refused = runner.invoke(app, ["verify", repo, "--revision", first, "--work-dir", str(tmp_path)])
+    assert isinstance(refused.exception, GateError)
+    assert "main is at" in str(refused.exception) and "always reads main" in str(refused.exception)
+
+
+def test_pairing_from_names_follows_llama_cpp_name_rules():
+    names = ["X-Q4_K_M.gguf", "mtp-X-Q4_K_M.gguf", "mmproj-X-F16.gguf", "X-Q8_0-00001-of-00002.gguf",
+             "X-Q8_0-00002-of-00002.gguf", "embedded/X-Q4_K_M.gguf", "README.md"]
+    pairings = {p.tag: p for p in pairings_from_names(names)}
+    assert set(pairings) == {"Q4_K_M", "Q8_0"}
+    assert pairings["Q8_0"].trunk == "X-Q8_0-00001-of-00002.gguf" and pairings["Q8_0"].head == "mtp-X-Q8_0.gguf"
+    assert pairings["Q4_K_M"].mmproj == "mmproj-X-F16.gguf"
+    assert pairings_from_names(["X-Q4_K_M.gguf"])[0].head is None
+
+
+def test_the_card_pairs_each_trunk_with_its_head_and_reports_the_gate():
+    from pathlib import Path
+
+    from mtpress.manifest import jsonable
+    from mtpress.stages.card import render_card
+    from mtpress.stages.gate import ClientRun, GateResult, SnapshotCheck
+
+    manifest = json.loads((Path(__file__).parent / "data" / "manifest-sample.json").read_text(encoding="utf-8"))
+    for f in manifest["files"]:
+        f["path"] = f["path"].removeprefix("sidecar/")  # the sidecar layout at the repo root, as releases have it
+    repo, trunk, head = manifest["config"]["target"]["repo"], manifest["files"][2]["path"], manifest["files"][3]["path"]
+    row = f"| `{repo}:Q4_K_M` | `{trunk}` | `{head}` |"
+    assert f"{row} not measured |" in render_card(manifest).files["README.md"]
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    runs = tuple(ClientRun(client="llama.cpp -hf", version="b11434", request=f"-hf {repo}-staging:Q4_K_M" + extra,
+                           tag="Q4_K_M", mtp=bool(extra), commit=commit, trunk=trunk, head=head if extra else None,
+                           mmproj=None, intended_head=head, tokens_compared=16, tokens_match=True,
+                           drafted=12 if extra else 0, accepted=8 if extra else 0)
+                 for extra in ("", " --spec-type draft-mtp --spec-draft-n-max 2"))
+    result = GateResult(f"{repo}-staging", commit, runs, SnapshotCheck("huggingface_hub snapshot_download", "2.4.0",
+                                                                        commit, 4), {})
+    card = render_card({**manifest, "gate": result.table(), "gate_details": jsonable(result)}).files
+    english, chinese = card["README.md"], card["README_zh.md"]
+    assert f"{row} ✅ yes |" in english and f"{row} ✅ 是 |" in chinese
+    assert f"staging repo `{repo}-staging` (commit `{commit}`)" in english
+    assert "reproduced the SHA-256 of all 4 GGUF files above" in english
+    assert f"暂存仓库 `{repo}-staging`（提交 `{commit}`）" in chinese
+    assert "| 16/16 tokens | 12 | 8 |" in english
+
+
+def test_the_staging_repo_is_private_beside_the_target_and_never_the_target_itself(tmp_path):
+    import yaml
+
+    from mtpress.errors import ConfigError
+    from mtpress.schema import load_release_config
+
+    assert Target(repo="me/X-GGUF").staging == Target(repo="me/X-GGUF-staging", private=True)
+    assert Target(repo="me/X-GGUF", staging_repo="me/elsewhere").staging.repo == "me/elsewhere"
+    config = tmp_path / "x.yaml"
+    config.write_text(yaml.safe_dump({"name": "X", "finetune": {"repo": "a/b"},
+                                      "target": {"repo": "me/X-GGUF", "staging_repo": "me/X-GGUF"}}))
+    with pytest.raises(ConfigError, match="target: staging_repo must differ from repo"):
+        load_release_config(config)
