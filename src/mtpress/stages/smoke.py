@@ -117,10 +117,14 @@ def _smoke_without_head(model: GgufFile, spec: SmokeSpec, tools: LlamaCpp, mmpro
 
 def server_args(model: GgufFile, head: GgufFile | None, *, mtp: bool, draft_n_max: int,
                 mmproj: GgufFile | None = None) -> list[str]:
-    args = ["-m", str(model.path), "-c", "2048", *(["--mmproj", str(mmproj.path)] if mmproj else [])]
+    # Always on the CPU, even with a CUDA build: there the k+1-token verification batch runs other kernels
+    # than one-token decoding, and greedy output with draft-mtp differed from plain output in every config
+    # measured on an H100 (README, "What can go wrong"); on the CPU it is identical, which is what we prove.
+    args = ["-m", str(model.path), "-c", "2048", "-ngl", "0",
+            *(["--mmproj", str(mmproj.path), "--no-mmproj-offload"] if mmproj else [])]
     if mtp:
         if head is not None:
-            args += ["-md", str(head.path)]
+            args += ["-md", str(head.path), "-ngld", "0"]
         args += ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(draft_n_max)]
     return args
 
