@@ -2,17 +2,14 @@
 
 Runs between inject and convert when the config's ``head.source`` is ``realign`` or ``best``:
 
-1. the injected checkpoint (donor's head) is converted to the sidecar layout (BF16 trunk + head), exactly
-   as the release's own sidecar conversion would be, and the bench measures that copied head;
+1. the injected checkpoint (donor's head) is converted to the sidecar layout (BF16 trunk + head) in the
+   work folder, and the bench measures that copied head;
 2. llama-server collects the trunk's hidden states on the realign prompt set (``collect``);
-3. the head is trained (``realign``; tagged ``gpu`` so a deployment can route it to a GPU work pool, see
-   docs/deploy.md) and its checkpoint converted the same way;
+3. the head is trained (``realign``; tagged ``gpu``, see docs/deploy.md for GPU routing) and its checkpoint
+   converted as the release's own sidecar conversion would be;
 4. the bench measures the re-aligned head as it measured the copy: the release's bench settings, the same
-   BF16 trunk bytes and prompts; ``best`` keeps the head llama.cpp accepted more drafts of, ``realign`` the
-   re-aligned one. The re-aligned conversion lands where the release's own sidecar conversion goes, under
-   its cache key, so the release reuses it.
-
-Bench entries use the flow's own cache keys, so the release's BF16 bench of the chosen head is reused.
+   BF16 trunk file and prompts; ``best`` keeps the head llama.cpp accepted more drafts of, ``realign`` the
+   re-aligned one.
 """
 
 from __future__ import annotations
@@ -62,7 +59,6 @@ class HeadChoice:
     copied: HeadMeasurement
     realigned: HeadMeasurement
     beyond_spread: bool  # every repetition of the winner beat every repetition of the other
-    same_trunk: bool  # both heads were measured on byte-identical BF16 trunks (the converter is deterministic)
     training: realign.RealignResult
     data: realign.HiddenStates
 
@@ -75,13 +71,12 @@ def choose_head(cfg: ReleaseConfig, injected: InjectResult, arch: ArchSpec, tool
     out_dir = release_dir if cfg.layouts[0] == "sidecar" else release_dir / "sidecar" if "sidecar" in cfg.layouts \
         else work / "sidecar"
 
-    def sidecar(model) -> tuple[GgufFile, GgufFile]:
-        trunk, head = cache.run("convert", convert_key(dir_digest(model.path), "sidecar", cfg, tools), convert_task,
-                                model, arch, "sidecar", name=cfg.name, tools=tools, out_dir=out_dir)
-        return trunk, head
-
-    trunk, copied_head = sidecar(injected.model)
-    # Measured before the re-aligned checkpoint's conversion replaces these files (same names, same folder).
+    # The copy's files go to the work folder (under a key of their own): in the release folder the re-aligned
+    # conversion would replace them, and every rerun would convert both again.
+    trunk, copied_head = cache.run("convert", cache_key(dir_digest(injected.model.path), "sidecar", "copied head",
+                                                        cfg.name, tools.version),
+                                   convert_task, injected.model, arch, "sidecar", name=cfg.name, tools=tools,
+                                   out_dir=work / "copied-head")
     copied = _measure(cfg, cache, tools, trunk, copied_head)
     collect_key = cache_key(trunk.sha256, realign.trunk_digest(injected.model, arch),
                             sha256_file(realign.prompt_file(spec.prompts)),
@@ -96,9 +91,15 @@ def choose_head(cfg: ReleaseConfig, injected: InjectResult, arch: ArchSpec, tool
                          work / "realigned")
     log.info("realign: held-out acceptance (trainer, draft length 1) %.3f → %.3f after %d steps, %.0f s",
              training.acceptance_before, training.acceptance_after, training.steps, training.wall_seconds)
-    realigned_trunk, realigned_head = sidecar(training.model)
+    # Where and under the key the release's own sidecar conversion uses, so the release reuses it.
+    _, realigned_head = cache.run("convert", convert_key(dir_digest(training.model.path), "sidecar", cfg,
+                                                                       tools),
+                                                convert_task, training.model, arch, "sidecar", name=cfg.name,
+                                                tools=tools, out_dir=out_dir)
 
-    realigned = _measure(cfg, cache, tools, realigned_trunk, realigned_head)
+    # On the copy's trunk file: the two conversions hold the same trunk tensors but not the same bytes (the
+    # converter names the model after its folder), and the comparison must differ in the head alone.
+    realigned = _measure(cfg, cache, tools, trunk, realigned_head)
     better = (realigned.acceptance or 0.0) > (copied.acceptance or 0.0)
     published = "re-aligned" if spec.source == "realign" or better else "copied"
     winner, other = (realigned, copied) if published == "re-aligned" else (copied, realigned)
@@ -108,11 +109,7 @@ def choose_head(cfg: ReleaseConfig, injected: InjectResult, arch: ArchSpec, tool
                    else f"copied from {donor}")
     log.info("head: copied α=%s, re-aligned α=%s (llama.cpp draft counts, BF16); publishing the %s head",
              _fmt(copied.acceptance), _fmt(realigned.acceptance), published)
-    same_trunk = realigned_trunk.sha256 == trunk.sha256
-    if not same_trunk:
-        log.warning("the re-aligned checkpoint's BF16 trunk differs from the copied one's (%s vs %s): the two "
-                    "heads were measured on different trunk bytes", realigned_trunk.sha256[:16], trunk.sha256[:16])
-    choice = HeadChoice(spec.source, published, description, copied, realigned, beyond, same_trunk, training, data)
+    choice = HeadChoice(spec.source, published, description, copied, realigned, beyond, training, data)
     return (replace(injected, model=training.model) if published == "re-aligned" else injected), choice
 
 

@@ -288,7 +288,7 @@ def bench_size(size: str, quants: list[str] | None, work: Path, code: dict[str, 
     base, finetune, base_repo, finetune_repo = model_pair(size)
     model_bytes = sum(p.stat().st_size for p in finetune.glob("*.safetensors"))
     name = f"Qwen3.5-{size}-FT-MTP"
-    logs = work / "logs"
+    logs = ROOT / "releases" / "benchmark-logs"  # kept (small), replaced by the next run
     with LocalHub(work / "hub") as hub:
         # Prefect's ephemeral API server needs more than its default 20 s to start on a busy 2-core machine.
         env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "PREFECT_HOME": str(work / "prefect"),
@@ -335,7 +335,8 @@ def bench_size(size: str, quants: list[str] | None, work: Path, code: dict[str, 
     return {"size": size, "quants": quants, "model_bytes": model_bytes, "runs": {k: asdict(v) for k, v in runs.items()},
             "hand": {"download": hand_download, "bf16": hand_bf16, "quantized": hand_quantized},
             "mtpress": {"download": mtpress_download, "bf16": mtpress_bf16, "quantized": mtpress_quantized},
-            "identical_ggufs": shared}
+            "identical_ggufs": shared,
+            "stage_seconds": json.loads((release / "manifest.json").read_text(encoding="utf-8"))["stage_seconds"]}
 
 
 def gguf_bytes(folder: Path) -> tuple[int, int]:
@@ -374,12 +375,15 @@ def report(results: list[dict]) -> str:
         lines.append(f"  (b)/(a): wall {b['wall_s'] / a['wall_s']:.2f}, CPU {b['cpu_s'] / a['cpu_s']:.2f}, "
                      f"written {b['written'] / a['written']:.2f}; (c)/(b): wall {c['wall_s'] / b['wall_s']:.3f}, "
                      f"CPU {c['cpu_s'] / b['cpu_s']:.3f}; (d) uploaded {gb(d['uploaded'])}")
-        for who, run in (("hand", a), ("mtpress", b)):
-            made = run["written"] - r[who]["download"] - r[who]["quantized"]
-            r[who]["convert_ratio"] = made / r[who]["bf16"]
-        lines.append(f"  written, less the download and the quantized files, / BF16 GGUFs "
-                     f"({gb(r['mtpress']['bf16'])}): mtpress {r['mtpress']['convert_ratio']:.3f}, "
-                     f"hand recipe {r['hand']['convert_ratio']:.3f}")
+        # What (d) wrote is what any new commit redoes after the build (card, the release gate's -hf downloads).
+        r["hand"]["convert_ratio"] = (a["written"] - r["hand"]["download"] - r["hand"]["quantized"]) / r["hand"]["bf16"]
+        made = b["written"] - r["mtpress"]["download"] - r["mtpress"]["quantized"] - d["written"]
+        r["mtpress"]["convert_ratio"] = made / r["mtpress"]["bf16"]
+        lines.append(f"  inject+convert writes / BF16 GGUFs ({gb(r['mtpress']['bf16'])}): mtpress "
+                     f"{r['mtpress']['convert_ratio']:.3f} (written − download − quantized GGUFs − (d) written), "
+                     f"hand recipe merge+convert {r['hand']['convert_ratio']:.3f} (written − download − quantized)")
+        if r.get("stage_seconds"):
+            lines.append("  (b) seconds per stage: " + ", ".join(f"{k} {v:g}" for k, v in r["stage_seconds"].items()))
         lines.append(f"  peak of the whole flow / model size: VmRSS {b['peak_rss'] / r['model_bytes']:.2f}, "
                      f"RssAnon {b['peak_anon'] / r['model_bytes']:.2f}; GGUFs identical in (a) and (b): "
                      f"{r['identical_ggufs']}")

@@ -125,7 +125,7 @@ def test_llama_cpp_accepts_more_drafts_from_the_realigned_head(injected, embedde
     data = collect_hidden_states(injected, embedded, ARCH, spec, toolchain, tmp_path / "states")
     result = realign(injected, data, ARCH, spec, toolchain, tmp_path / "realigned")
     [realigned] = convert(result.model, ARCH, "embedded", name="T", tools=toolchain, out_dir=tmp_path / "gguf")
-    measure = BenchSpec(per_domain=1, n_predict=24, repetitions=3, draft_lengths=(1, 2))
+    measure = BenchSpec(per_domain=1, n_predict=24, repetitions=3, draft_lengths=(1,))
 
     def per_repetition(gguf):
         configs = [c for c in bench(gguf, None, measure, toolchain).configs if c.draft_n_max]

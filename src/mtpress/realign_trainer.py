@@ -211,7 +211,7 @@ class Sequences:
         for row, i in enumerate(indices):
             n, first = len(self.tokens[i]), self.records[i]["prompt_tokens"]
             b.tokens[row, :n] = self.tokens[i]
-            hidden = torch.from_numpy(np.asarray(self.hidden[i], dtype=np.float32))
+            hidden = torch.from_numpy(np.array(self.hidden[i], dtype=np.float32))  # a copy: the map is read-only
             b.previous[row, 1:n] = hidden[:n - 1]
             b.state[row, :n] = hidden
             b.next_token[row, :n - 1] = self.tokens[i][1:]

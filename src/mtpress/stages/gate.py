@@ -177,11 +177,13 @@ def _run(tools: LlamaCpp, api: HfApi, repo: str, pairing: Pairing, smoke: SmokeS
     request = ["-hf", f"{repo}:{pairing.tag}"]
     if mtp:
         request += ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(smoke.draft_n_max)]
+    # On the CPU, as the smoke test ran (smoke.server_args says why): its tokens are the reference.
+    device = ["-ngl", "0", *(["-ngld", "0"] if mtp else []), *(["--no-mmproj-offload"] if pairing.mmproj else [])]
     env = {"MODEL_ENDPOINT": api.endpoint.rstrip("/") + "/", "LLAMA_CACHE": str(cache)}
     if isinstance(api.token, str):
         env["HF_TOKEN"] = api.token  # the environment only: llama.cpp reads it there, argv is visible to all
     try:
-        with llama_server(tools, [*request, "-c", "2048"], timeout=smoke.timeout_s, env=env) as server:
+        with llama_server(tools, [*request, "-c", "2048", *device], timeout=smoke.timeout_s, env=env) as server:
             body = server.completion(greedy_request(smoke.prompt, n_predict(pairing, spec)), timeout=smoke.timeout_s)
             # The model's path is only in /props at the default log level; the draft head's and the mmproj's
             # are logged ("loading draft model '…'", "loaded multimodal model, '…'").
