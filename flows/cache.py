@@ -17,12 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mtpress.checkpoint import ModelDir
 from mtpress.fsutil import write_text_atomic
 from mtpress.stages.bench import BenchResult, ConfigResult, Figures, Sample, Spread
 from mtpress.stages.export_mlx import MlxChecks, MlxPack, PackFile
 from mtpress.stages.gate import ClientRun, GateResult, SnapshotCheck
 from mtpress.stages.gguf_files import GgufFile
-from mtpress.checkpoint import ModelDir
 from mtpress.stages.quality import Estimate, QualityResult, QuantQuality
 from mtpress.stages.realign import HiddenStates, RealignResult
 from mtpress.stages.smoke import SmokeResult

@@ -24,6 +24,7 @@ from flows.cache import StageCache, cache_key
 from flows.stage_keys import convert_key
 from mtpress.archs.base import ArchSpec
 from mtpress.concurrency import occupy
+from mtpress.errors import ModelError
 from mtpress.fsutil import dir_digest, sha256_file
 from mtpress.schema import ReleaseConfig
 from mtpress.stages import bench, convert, realign
@@ -68,6 +69,9 @@ def choose_head(cfg: ReleaseConfig, injected: InjectResult, arch: ArchSpec, tool
     """The inject result the release continues with (its model carries the chosen head) and the record of why."""
     log = get_run_logger()
     spec = cfg.head
+    if injected.action == "no-head":
+        raise ModelError(f"head.source: {spec.source} re-aligns a head, and {injected.model.label} has none",
+                         hint="set `donor:` to the fine-tune's base model; its head is the starting point")
     out_dir = release_dir if cfg.layouts[0] == "sidecar" else release_dir / "sidecar" if "sidecar" in cfg.layouts \
         else work / "sidecar"
 

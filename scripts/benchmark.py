@@ -242,7 +242,7 @@ def hand_recipe(args: argparse.Namespace) -> None:
 def model_pair(size: str) -> tuple[Path, Path, str, str]:
     from mtpress.demo.models import BENCHMARK_SPEC
     from mtpress.demo.run import write_demo_pair
-    from mtpress.toolchain.llama_cpp import cache_root
+    from mtpress.fsutil import cache_root
 
     base_repo, finetune_repo = f"mtpress-bench/Qwen3.5-{size}-Base", f"mtpress-bench/Qwen3.5-{size}-FT"
     base, finetune = write_demo_pair(cache_root() / "demo-models", base_repo=base_repo, finetune_repo=finetune_repo,

@@ -30,7 +30,7 @@ def toolchain():
 def demo_pair():
     """(base with head, fine-tune without) generated once per machine into the mtpress cache."""
     from mtpress.demo.run import write_demo_pair
-    from mtpress.toolchain.llama_cpp import cache_root
+    from mtpress.fsutil import cache_root
 
     return write_demo_pair(cache_root() / "demo-models", base_repo="mtpress-demo/Tiny-Qwen3.5-Demo-Base",
                            finetune_repo="mtpress-demo/Tiny-Qwen3.5-Demo-FT")

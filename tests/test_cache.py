@@ -64,3 +64,30 @@ def test_file_hashes_are_remembered_per_inode_and_follow_replacement(tmp_path):
     replacement.write_bytes(b"other")
     os.replace(replacement, path)  # how every output of mtpress appears
     assert sha256_file(path) == hashlib.sha256(b"other").hexdigest()
+
+
+def test_big_file_hashes_are_remembered_across_processes_until_the_file_is_replaced(tmp_path, monkeypatch):
+    import hashlib
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    from mtpress.fsutil import MEMO_MIN_BYTES, _sha256_of, sha256_file
+
+    monkeypatch.setenv("MTPRESS_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "shard.safetensors"
+    path.write_bytes(b"x" * MEMO_MIN_BYTES)
+    subprocess.run([sys.executable, "-c", f"from mtpress.fsutil import sha256_file; sha256_file({str(path)!r})"],
+                   check=True, env=os.environ)
+    memo = tmp_path / "cache" / "file-hashes.sqlite"
+    with sqlite3.connect(memo) as db:
+        [(key, remembered)] = db.execute("SELECT key, sha256 FROM hashes").fetchall()
+        assert remembered == hashlib.sha256(path.read_bytes()).hexdigest()
+        db.execute("UPDATE hashes SET sha256 = 'remembered-by-another-process'")
+    _sha256_of.cache_clear()
+    assert sha256_file(path) == "remembered-by-another-process"  # read from the memo, not the bytes
+    replacement = tmp_path / "new.tmp"
+    replacement.write_bytes(b"y" * MEMO_MIN_BYTES)
+    os.replace(replacement, path)
+    assert sha256_file(path) == hashlib.sha256(b"y" * MEMO_MIN_BYTES).hexdigest()

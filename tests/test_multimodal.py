@@ -24,7 +24,7 @@ TOKEN = "hf_" + "mtpressMultimodalTestToken0123456789"
 def vl_pair():
     """(base with head, fine-tune without) in the multimodal layout, generated once per machine."""
     from mtpress.demo.run import write_demo_pair
-    from mtpress.toolchain.llama_cpp import cache_root
+    from mtpress.fsutil import cache_root
 
     return write_demo_pair(cache_root() / "demo-models", base_repo="mtpress-demo/Tiny-Qwen3.5-VL-Demo-Base",
                            finetune_repo="mtpress-demo/Tiny-Qwen3.5-VL-Demo-FT", spec=MultimodalSpec())

@@ -72,7 +72,7 @@ def occupy(kind: str) -> Iterator[None]:
 
 @contextmanager
 def _machine_lock(name: str) -> Iterator[None]:
-    from mtpress.toolchain.llama_cpp import cache_root
+    from mtpress.fsutil import cache_root
 
     path = cache_root() / "locks" / f"{name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -56,23 +57,50 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def sha256_file(path: Path) -> str:
-    """The file's sha256, computed once per process for a given inode, size and modification time.
+def cache_root() -> Path:
+    """Where mtpress keeps what outlives a run: the toolchain, demo models, the file-hash memo, lock files."""
+    return Path(os.environ.get("MTPRESS_CACHE") or Path.home() / ".cache" / "mtpress")
 
-    A release hashes the same bytes several times (input record, cache key, manifest, publish plan);
-    files are only ever replaced by renames, which give them a new inode, so the memo cannot go stale.
+
+def sha256_file(path: Path) -> str:
+    """The file's sha256, computed once for a given device, inode, size and modification time.
+
+    A release hashes the same bytes several times (input record, cache key, manifest, publish plan) and
+    every rerun hashes them again; files are only ever replaced by renames, which give them a new inode
+    and mtime, so a remembered hash cannot go stale. Big files are also remembered across processes
+    (an SQLite memo in the cache), which makes an unchanged rerun of a 9B release cheap.
     """
     st = os.stat(path)
     return _sha256_of(os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+MEMO_MIN_BYTES = 1 << 20  # below this, hashing is cheaper than a database round trip
+
+
 @lru_cache(maxsize=4096)
 def _sha256_of(path: str, device: int, inode: int, size: int, mtime_ns: int) -> str:
+    key = f"{device}:{inode}:{size}:{mtime_ns}"
+    if size >= MEMO_MIN_BYTES and (known := _memo("SELECT sha256 FROM hashes WHERE key = ?", (key,))):
+        return known[0]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(HASH_CHUNK):
             h.update(chunk)
+    if size >= MEMO_MIN_BYTES:
+        _memo("INSERT OR REPLACE INTO hashes VALUES (?, ?)", (key, h.hexdigest()))
     return h.hexdigest()
+
+
+def _memo(sql: str, args: tuple) -> tuple | None:
+    """Run one statement on the cross-process hash memo; a memo that cannot be used is simply not used."""
+    try:
+        path = cache_root() / "file-hashes.sqlite"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(sqlite3.connect(path, timeout=30)) as db, db:
+            db.execute("CREATE TABLE IF NOT EXISTS hashes (key TEXT PRIMARY KEY, sha256 TEXT NOT NULL)")
+            return db.execute(sql, args).fetchone()
+    except (sqlite3.Error, OSError):
+        return None
 
 
 def dir_digest(path: Path) -> str:

@@ -52,9 +52,9 @@ def seed_upstream_repos(config: Path, spec=None) -> None:
 
     Generation is cached by the generator's code; uploading unchanged files makes no commit.
     """
+    from mtpress.fsutil import cache_root
     from mtpress.hub.client import hub_api
     from mtpress.schema import load_release_config
-    from mtpress.toolchain.llama_cpp import cache_root
 
     cfg = load_release_config(config)
     api = hub_api()

