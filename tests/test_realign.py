@@ -121,7 +121,7 @@ def test_llama_cpp_accepts_more_drafts_from_the_realigned_head(injected, embedde
     from mtpress.stages.bench import BenchSpec, bench
     from mtpress.stages.convert import convert
 
-    spec = HeadSpec(source="realign", per_domain=4, n_predict=12, max_steps=100, eval_every=25)
+    spec = HeadSpec(source="realign", n_predict=16, max_steps=150, eval_every=25)
     data = collect_hidden_states(injected, embedded, ARCH, spec, toolchain, tmp_path / "states")
     result = realign(injected, data, ARCH, spec, toolchain, tmp_path / "realigned")
     [realigned] = convert(result.model, ARCH, "embedded", name="T", tools=toolchain, out_dir=tmp_path / "gguf")
