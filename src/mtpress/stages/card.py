@@ -122,6 +122,14 @@ def front_matter(manifest: Mapping[str, Any]) -> dict[str, Any]:
     Only Hub-valid values go in: ``base_model`` only when the fine-tune is a Hub repo id, ``license``
     only when it looks like a license identifier (else ``other``; the body shows the text).
     """
+    family = (manifest.get("architecture") or {}).get("family")
+    family_tag = [family.lower()] if isinstance(family, str) and FAMILY_TAG.fullmatch(family.lower()) else []
+    return model_tree_front_matter(manifest, library="gguf", tags=["gguf", "mtp", "speculative-decoding", *family_tag])
+
+
+def model_tree_front_matter(manifest: Mapping[str, Any], *, library: str, tags: list[str]) -> dict[str, Any]:
+    """What every repo mtpress publishes declares: the fine-tune as ``base_model`` of a quantization, the
+    license, both languages, the library its files are for and its tags."""
     matter: dict[str, Any] = {}
     finetune_repo = _source(manifest, "finetune").get("repo")
     if isinstance(finetune_repo, str) and REPO_ID.fullmatch(finetune_repo):
@@ -131,11 +139,9 @@ def front_matter(manifest: Mapping[str, Any]) -> dict[str, Any]:
     if license_id is not None:
         matter["license"] = license_id
     matter["language"] = ["en", "zh"]
-    matter["library_name"] = "gguf"
+    matter["library_name"] = library
     matter["pipeline_tag"] = "text-generation"
-    family = (manifest.get("architecture") or {}).get("family")
-    family_tag = [family.lower()] if isinstance(family, str) and FAMILY_TAG.fullmatch(family.lower()) else []
-    matter["tags"] = list(dict.fromkeys(["gguf", "mtp", "speculative-decoding", *family_tag]))
+    matter["tags"] = list(dict.fromkeys(tags))
     return matter
 
 

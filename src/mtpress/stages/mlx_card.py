@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from mtpress.manifest import read_manifest, write_manifest
-from mtpress.schema import REPO_ID
 from mtpress.stages.card import (
     CARD_FILES,
     TEMPLATES_DIR,
@@ -22,10 +21,10 @@ from mtpress.stages.card import (
     Safe,
     _check_front_matter_round_trip,
     _license,
-    _license_id,
     _render_template,
     _with_front_matter,
     check_no_mojibake,
+    model_tree_front_matter,
     write_card,
 )
 from mtpress.stages.export_mlx import CONTRACT_FILE, verification_level, verified_contract
@@ -49,19 +48,8 @@ def render_mlx_card(manifest: Mapping[str, Any]) -> RenderedCard:
 
 def mlx_front_matter(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """Model-tree metadata: the fine-tune is the base model, this pack a quantization of it."""
-    matter: dict[str, Any] = {}
-    finetune = ((manifest.get("inputs") or {}).get("finetune") or {}).get("repo")
-    if isinstance(finetune, str) and REPO_ID.fullmatch(finetune):
-        matter["base_model"] = finetune
-        matter["base_model_relation"] = "quantized"
-    license_id = _license_id(_license(manifest)[0])
-    if license_id is not None:
-        matter["license"] = license_id
-    matter["language"] = ["en", "zh"]
-    matter["library_name"] = "mlx"
-    matter["pipeline_tag"] = "text-generation"
-    matter["tags"] = ["mlx", "mtplx", "mtp", "speculative-decoding", "apple-silicon"]
-    return matter
+    return model_tree_front_matter(manifest, library="mlx",
+                                   tags=["mlx", "mtplx", "mtp", "speculative-decoding", "apple-silicon"])
 
 
 def _facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
