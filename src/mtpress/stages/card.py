@@ -80,11 +80,14 @@ class RenderedCard:
 
 def render_card(manifest: Mapping[str, Any], templates_dir: Path | None = None) -> RenderedCard:
     """Render the English and Chinese card from a release manifest; raise CardError instead of guessing."""
-    facts = card_facts(manifest)
-    matter = front_matter(manifest)
+    return render_card_files(templates_dir or TEMPLATES_DIR, card_facts(manifest), front_matter(manifest))
+
+
+def render_card_files(templates_dir: Path, facts: Mapping[str, Any], matter: dict[str, Any]) -> RenderedCard:
+    """Both languages of a card from ``templates_dir``, the English one under the YAML front matter."""
     files = {}
     for lang, name in CARD_FILES.items():
-        body = _render_template(templates_dir or TEMPLATES_DIR, lang, f"{name}.j2", card=facts,
+        body = _render_template(templates_dir, lang, f"{name}.j2", card=facts,
                                 links={other: Safe(path) for other, path in CARD_FILES.items()})
         text = _with_front_matter(matter, body) if name == "README.md" else body
         check_no_mojibake(text, where=name)

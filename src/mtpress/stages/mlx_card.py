@@ -15,16 +15,11 @@ from typing import Any
 
 from mtpress.manifest import read_manifest, write_manifest
 from mtpress.stages.card import (
-    CARD_FILES,
     TEMPLATES_DIR,
     RenderedCard,
-    Safe,
-    _check_front_matter_round_trip,
     _license,
-    _render_template,
-    _with_front_matter,
-    check_no_mojibake,
     model_tree_front_matter,
+    render_card_files,
     write_card,
 )
 from mtpress.stages.export_mlx import CONTRACT_FILE, verification_level, verified_contract
@@ -33,17 +28,7 @@ MLX_TEMPLATES_DIR = TEMPLATES_DIR / "mtplx"
 
 
 def render_mlx_card(manifest: Mapping[str, Any]) -> RenderedCard:
-    matter = mlx_front_matter(manifest)
-    facts = _facts(manifest)
-    files = {}
-    for lang, name in CARD_FILES.items():
-        body = _render_template(MLX_TEMPLATES_DIR, lang, f"{name}.j2", card=facts,
-                                links={other: Safe(path) for other, path in CARD_FILES.items()})
-        text = _with_front_matter(matter, body) if name == "README.md" else body
-        check_no_mojibake(text, where=name)
-        files[name] = text
-    _check_front_matter_round_trip(files["README.md"], matter)
-    return RenderedCard(files, matter)
+    return render_card_files(MLX_TEMPLATES_DIR, _facts(manifest), mlx_front_matter(manifest))
 
 
 def mlx_front_matter(manifest: Mapping[str, Any]) -> dict[str, Any]:
