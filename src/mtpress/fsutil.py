@@ -52,6 +52,16 @@ def remove_stale_partials(root: Path) -> list[Path]:
     return stale
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` the same bytes as ``src`` without writing them: a hard link, else (another filesystem) a copy."""
+    # Hub caches hold relative symlinks into blobs/: link the blob itself, or the link would dangle.
+    src = src.resolve()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -12,8 +12,6 @@ does not load at all (llama.cpp issue #26916).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,7 +21,7 @@ import numpy as np
 from mtpress.archs.base import ArchSpec
 from mtpress.checkpoint import INDEX, ModelDir
 from mtpress.errors import IncompatibleDonorError, MissingMtpHeadError
-from mtpress.fsutil import atomic_path, sha256_file, write_text_atomic
+from mtpress.fsutil import atomic_path, link_or_copy, sha256_file, write_text_atomic
 from mtpress.safetensors_io import bf16_bytes_to_f32, f32_to_bf16_bytes, read_tensor_bytes, write_safetensors
 
 HEAD_SHARD = "model-mtp.safetensors"
@@ -97,7 +95,7 @@ def inject(finetune: ModelDir, donor: ModelDir | None, arch: ArchSpec, out: Path
         staging.mkdir()
         for entry in finetune.path.iterdir():
             if entry.name != INDEX and entry.is_file():
-                _link_or_copy(entry, staging / entry.name)
+                link_or_copy(entry, staging / entry.name)
         write_safetensors(staging / HEAD_SHARD, head_tensors, metadata={"format": "pt"})
         weight_map = dict(finetune.weight_map) | {name: HEAD_SHARD for name, *_ in head_tensors}
         total = sum(finetune.tensors[n].end - finetune.tensors[n].begin for n in finetune.tensors)
@@ -129,7 +127,7 @@ def _without_head(finetune: ModelDir, arch: ArchSpec, out: Path) -> InjectResult
         staging.mkdir()
         for entry in finetune.path.iterdir():
             if entry.name != "config.json" and entry.is_file():
-                _link_or_copy(entry, staging / entry.name)
+                link_or_copy(entry, staging / entry.name)
         config = arch.set_mtp_layers(finetune.config, 0)
         write_text_atomic(staging / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     reason = (f"{finetune.label} has no mtp.* tensors although its config claims {claimed} MTP layer(s), and no "
@@ -204,12 +202,4 @@ def _cast(data: bytes, source: str, target: str, shape: tuple[int, ...]) -> byte
         return f32_to_bf16_bytes(values)
     return values.astype({"F16": np.float16, "F32": np.float32}[target]).tobytes()
 
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    # Hub caches hold relative symlinks into blobs/: link the blob itself, or the link would dangle.
-    src = src.resolve()
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 

@@ -33,11 +33,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from mtpress.archs.base import ArchSpec
 from mtpress.checkpoint import INDEX, ModelDir
 from mtpress.errors import ModelError, ToolchainError, TrunkMismatchError
-from mtpress.fsutil import atomic_path, sha256_file, write_text_atomic
+from mtpress.fsutil import atomic_path, link_or_copy, sha256_file, write_text_atomic
 from mtpress.manifest import hardware
 from mtpress.stages.bench import first_per_domain, load_prompts
 from mtpress.stages.gguf_files import GgufFile
-from mtpress.stages.inject import HEAD_SHARD, _link_or_copy
+from mtpress.stages.inject import HEAD_SHARD
 from mtpress.toolchain import LlamaCpp, run_tool
 from mtpress.toolchain.server import llama_server
 
@@ -255,7 +255,7 @@ def realign(model: ModelDir, data: HiddenStates, arch: ArchSpec, spec: HeadSpec,
         report = json.loads((scratch / "report.json").read_text())
         for entry in model.path.iterdir():
             if entry.is_file() and entry.name not in (INDEX, HEAD_SHARD):
-                _link_or_copy(entry, staging / entry.name)
+                link_or_copy(entry, staging / entry.name)
         os.replace(scratch / "head.safetensors", staging / HEAD_SHARD)
         shutil.rmtree(scratch)
         job_path.unlink()
