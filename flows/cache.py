@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +54,7 @@ class StageCache:
         # Seconds each stage's results took to compute, in this run or the run that stored them: a rerun
         # that reuses everything reports the same figures, so the manifest (and the repo) do not change.
         self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()  # stages may finish on more than one thread (the flow's smoke lane)
 
     def lookup(self, stage: str, key: str) -> Any | None:
         """The result stored under ``key`` if every file it names is intact, else None; counts nothing."""
@@ -85,7 +87,8 @@ class StageCache:
         return stored if all(_unchanged(Path(path), stat) for path, stat in stored["outputs"]) else None
 
     def _count(self, stage: str, seconds: float) -> None:
-        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + seconds, 1)
+        with self._lock:
+            self.seconds[stage] = round(self.seconds.get(stage, 0.0) + seconds, 1)
 
 
 def _flatten(value: Any) -> list[Any]:

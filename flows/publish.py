@@ -7,6 +7,9 @@ to the terminal and the Prefect UI.
 
 from __future__ import annotations
 
+import contextvars
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
@@ -26,32 +29,33 @@ from flows.realign import choose_head
 from flows.release_gate import stage_and_verify
 from flows.secrets import use_token_from_secret
 from flows.stage_keys import convert_key, quantize_key, reused_outputs
+from flows.tasks import bench_task, convert_task, fetch_task, inject_task
 from mtpress.archs import get_arch
 from mtpress.checkpoint import ModelDir
 from mtpress.concurrency import occupy
+from mtpress.errors import PublishError
 from mtpress.fsutil import dir_digest, remove_stale_partials, sha256_file
 from mtpress.hub.client import hub_api
 from mtpress.manifest import hardware, jsonable, read_manifest, write_manifest
 from mtpress.schema import ReleaseConfig, Source, load_release_config
-from mtpress.stages import bench, convert, download, inject, quality, quantize, smoke
+from mtpress.stages import convert, quality, quantize, smoke
 from mtpress.stages.card import render_card, write_card
 from mtpress.stages.gguf_files import GgufFile
 from mtpress.stages.preflight import check_disk_space, planned_output_bytes
+from mtpress.stages.publish import preupload
 from mtpress.stages.publish import publish as publish_stage
 from mtpress.toolchain import resolve_toolchain
 
-fetch_task = task(download.fetch, name="fetch", retries=3, retry_delay_seconds=[2, 10, 30])
-inject_task = task(inject.inject, name="inject")
-convert_task = task(convert.convert, name="convert")
 mmproj_task = task(convert.export_mmproj, name="mmproj")
 quantize_task = task(quantize.quantize, name="quantize")
 smoke_task = task(smoke.smoke, name="smoke", retries=1)
 toolchain_task = task(resolve_toolchain, name="toolchain")
 render_card_task = task(render_card, name="card")
-bench_task = task(bench.bench, name="bench")
 quality_task = task(quality.quality, name="quality")
 # Retries are safe: a failed commit leaves the repo unchanged and unchanged files are never re-sent.
 publish_task = task(publish_stage, name="publish", retries=2, retry_delay_seconds=[10, 60])
+# No retries: a pre-upload that fails costs nothing, the staging commit sends what is missing.
+preupload_task = task(preupload, name="preupload")
 
 
 @flow(name="publish", log_prints=True)
@@ -98,46 +102,85 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
         steps += len([q for q in ("BF16", *cfg.quants) if cfg.bench.quants is None or q in cfg.bench.quants])
     progress = create_progress_artifact(0.0, key=_key(cfg.name, "progress"), description="release build progress")
     done = 0
+    progress_lock = threading.Lock()
 
     def advance(what: str) -> None:
         nonlocal done
-        done += 1
-        log.info("[%d/%d] %s", done, steps, what)
-        update_progress_artifact(progress, 100.0 * done / steps)
+        with progress_lock:  # the smoke lane reports from its own thread
+            done += 1
+            log.info("[%d/%d] %s", done, steps, what)
+            update_progress_artifact(progress, 100.0 * done / steps)
 
-    files: list[GgufFile] = []
-    for layout in layouts:
-        # The first layout sits at the repo root, where `-hf user/repo:QUANT` looks; others in a subfolder.
-        out_dir = release_dir if layout == cfg.layouts[0] else release_dir / layout
-        bf16 = cache.run("convert", convert_key(model_digest, layout, cfg, tools), convert_task,
-                         injected.model, arch, layout, name=cfg.name, tools=tools, out_dir=out_dir)
-        files += bf16
-        advance(f"convert {layout}: {', '.join(f.name for f in bf16)}")
-        for quant in cfg.quants:
-            quantized = [cache.run("quantize", quantize_key(f, quant, cfg, tools),
-                                   _occupying, "quantize-cpu", quantize_task, f, quant, arch,
-                                   injected.model.config, name=cfg.name, tools=tools, head_type=cfg.head_type)
-                         for f in bf16]
-            files += quantized
-            advance(f"quantize {layout} {quant}")
     mmproj = None
     if has_vision:
         # One vision encoder (kept at BF16) serves every trunk of both layouts: it sits at the repo root,
-        # where `-hf user/repo:QUANT` picks it up as the model's mmproj sibling.
+        # where `-hf user/repo:QUANT` picks it up as the model's mmproj sibling. Built first: every smoke uses it.
         mmproj = cache.run("mmproj", cache_key(model_digest, "mmproj", cfg.name, tools.version), mmproj_task,
                            injected.model, arch, cfg.layouts[0], name=cfg.name, tools=tools, out_dir=release_dir)
-        files.append(mmproj)
         advance(f"mmproj: {mmproj.name}")
 
-    smoke_results = []
-    for model, head in pair_models_with_heads(files):
+    def smoke_one(model: GgufFile, head: GgufFile | None) -> smoke.SmokeResult:
         key = cache_key(model.sha256, head.sha256 if head else None, mmproj.sha256 if mmproj else None,
                         cfg.smoke.model_dump(), tools.version)
-        smoke_results.append(cache.run("smoke", key, smoke_task, model, head, cfg.smoke, tools, mmproj))
-        ran = smoke_results[-1]
+        ran = cache.run("smoke", key, smoke_task, model, head, cfg.smoke, tools, mmproj)
         advance(f"smoke {model.layout}/{model.name}: " + (f"identical tokens, drafted {ran.drafted}"
                                                           if ran.tokens_identical else "generated (no MTP head)")
                 + (f"; with an image: identical tokens, drafted {ran.image_drafted}" if ran.image_drafted else ""))
+        return ran
+
+    # The release gate commits to a private staging repo first: its files can be sent while the rest builds.
+    staging = cfg.target.staging if push and cfg.gate.enabled and not dry_run else None
+    api = hub_api() if staging else None
+
+    def preupload_quietly(new_files: list[GgufFile]) -> None:
+        try:
+            sent = preupload_task(new_files, release_dir, staging, api)
+            log.info("pre-uploaded %s to %s (%d bytes sent)", ", ".join(f.name for f in new_files), staging.repo, sent)
+        except PublishError as e:  # the staging commit sends whatever is missing itself
+            log.warning("%s", e)
+
+    def finished(new_files: list[GgufFile]) -> None:
+        smokes.extend(_in_run_context(smoke_lane, smoke_one, m, h) for m, h in pair_models_with_heads(new_files))
+        if staging and api.token:
+            uploads.append(_in_run_context(upload_lane, preupload_quietly, new_files))
+
+    files: list[GgufFile] = []
+    # Each finished file is smoke-tested, and sent to the staging repo, on lanes of their own while the next
+    # one quantizes. One smoke and one upload at a time and never a second conversion, so memory holds at
+    # most one quantize, one llama-server and one upload's buffers beside the converter's peak. Benchmarks
+    # wait for all of it: their timings need the machine to themselves.
+    smoke_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smoke")
+    upload_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
+    smokes: list[Future] = []
+    uploads: list[Future] = []
+    try:
+        if mmproj:
+            finished([mmproj])
+        for layout in layouts:
+            # The first layout sits at the repo root, where `-hf user/repo:QUANT` looks; others in a subfolder.
+            out_dir = release_dir if layout == cfg.layouts[0] else release_dir / layout
+            bf16 = cache.run("convert", convert_key(model_digest, layout, cfg, tools), convert_task,
+                             injected.model, arch, layout, name=cfg.name, tools=tools, out_dir=out_dir)
+            files += bf16
+            advance(f"convert {layout}: {', '.join(f.name for f in bf16)}")
+            finished(bf16)
+            for quant in cfg.quants:
+                _raise_first_failure(smokes)
+                quantized = [cache.run("quantize", quantize_key(f, quant, cfg, tools),
+                                       _occupying, "quantize-cpu", quantize_task, f, quant, arch,
+                                       injected.model.config, name=cfg.name, tools=tools, head_type=cfg.head_type)
+                             for f in bf16]
+                files += quantized
+                advance(f"quantize {layout} {quant}")
+                finished(quantized)
+        smoke_results = [future.result() for future in smokes]
+        for future in uploads:
+            future.result()
+    finally:
+        smoke_lane.shutdown(wait=True, cancel_futures=True)
+        upload_lane.shutdown(wait=True, cancel_futures=True)
+    if mmproj:
+        files.append(mmproj)
 
     root_layout = [f for f in files if f.layout == cfg.layouts[0]]
     bench_results = []
@@ -208,7 +251,7 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
              manifest_path.name, ", ".join(sorted(set(cache.hits))) or "none")
 
     if push:
-        api = hub_api()
+        api = api or hub_api()
         if cfg.gate.enabled and not dry_run:
             # Stage → verify → promote: a GateError here leaves the target untouched.
             stage_and_verify(release_dir, cfg, tools, api, cache, work, _key(cfg.name, "gate"))
@@ -230,6 +273,18 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
             create_link_artifact(pack.url, link_text=pack.repo, key=_key(cfg.name, "mtplx-repo"),
                                  description="published MTPLX pack")
     return str(release_dir)
+
+
+def _in_run_context(pool: ThreadPoolExecutor, fn, *args) -> Future:
+    """``fn(*args)`` on ``pool`` inside this flow run's context, so the Prefect tasks it calls belong to the run."""
+    return pool.submit(contextvars.copy_context().run, fn, *args)
+
+
+def _raise_first_failure(futures: list[Future]) -> None:
+    """Stop the build as soon as a background stage has failed, instead of after every quantize."""
+    for future in futures:
+        if future.done() and future.exception():
+            raise future.exception()
 
 
 def _occupying(limit: str, stage, *args, **kwargs):

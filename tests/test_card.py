@@ -245,6 +245,16 @@ def test_measurements_of_later_stages_are_shown_with_the_hardware(manifest):
     assert "| `greedy_identical` | ✅ 是 |" in card.files["README_zh.md"]
 
 
+def test_the_card_links_the_apple_silicon_pack_in_both_languages(manifest):
+    assert "MLX / MTPLX build:** not measured." in render_card(manifest).files["README.md"]
+    manifest["mlx"] = {"repo": "someone/Model-MTP-GGUF-MTPLX", "bits": 4, "verification": "unverified"}
+    card = render_card(manifest)
+    link = "[someone/Model-MTP-GGUF-MTPLX](/someone/Model-MTP-GGUF-MTPLX)"
+    assert f"published separately: {link}" in card.files["README.md"]
+    assert f"单独发布在 {link}" in card.files["README_zh.md"]
+    assert "| `bits` | 4 |" in card.files["README.md"]
+
+
 # USAGE AND RECOMMENDATION
 
 

@@ -115,3 +115,48 @@ def test_an_invalid_token_is_refused_without_echoing_it(tmp_path, release, monke
             publish(release, TARGET, hub_api(), message="release")
         assert wrong not in str(err.value) and "nothing was committed" in str(err.value)
         assert not HfApi(endpoint=hub.url, token=valid).repo_exists(TARGET.repo)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pre-upload: a finished file's bytes go to the private staging repo while the rest builds
+# ---------------------------------------------------------------------------------------------------------
+
+STAGING = Target(repo="mtpress-demo/Release-GGUF-staging", private=True)
+
+
+def as_gguf_files(release):
+    from mtpress.fsutil import sha256_file
+    from mtpress.stages.gguf_files import GgufFile
+
+    return [GgufFile(path=p, name=p.relative_to(release).as_posix(), layout="sidecar", role="model", quant="Q4_K_M",
+                     size=p.stat().st_size, sha256=sha256_file(p), nextn_layers=0, block_count=0, tensor_count=0,
+                     parameters=0, head_tensor_types=())
+            for p in sorted(release.rglob("*.gguf"))]
+
+
+def test_preuploaded_files_are_invisible_until_the_commit_which_then_sends_only_the_rest(local_hub, release):
+    from mtpress.stages.publish import preupload
+
+    api = hub_api()
+    ggufs = as_gguf_files(release)
+    before = local_hub.bytes_received
+    sent = preupload(ggufs, release, STAGING, api)
+    assert sent == sum(f.size for f in ggufs) and local_hub.bytes_received - before >= sent
+    assert api.model_info(STAGING.repo).private
+    assert set(api.list_repo_files(STAGING.repo)) == {".gitattributes"}  # no commit holds them yet
+
+    before = local_hub.bytes_received
+    result = publish(release, STAGING, api, message="stage")
+    assert result.committed and {"Model-Q4_K_M.gguf", "embedded/Model-Q4_K_M.gguf"} <= set(
+        api.list_repo_files(STAGING.repo))
+    # the commit sent the card, the manifest and its own requests, none of the GGUF bytes
+    assert local_hub.bytes_received - before < min(f.size for f in ggufs)
+    assert preupload(ggufs, release, STAGING, api) == 0  # already on main: skipped without hashing
+
+
+def test_preupload_refuses_a_public_repo_it_would_create_empty(local_hub, release):
+    from mtpress.stages.publish import preupload
+
+    with pytest.raises(PublishError, match="public"):
+        preupload(as_gguf_files(release), release, TARGET, hub_api())
+    assert not hub_api().repo_exists(TARGET.repo)

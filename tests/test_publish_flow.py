@@ -233,3 +233,30 @@ def test_the_release_was_staged_and_verified_with_the_real_clients_before_promot
     promoted = {s.rfilename: s.lfs.sha256 for s in api.model_info(target, files_metadata=True).siblings if s.lfs}
     assert staged == promoted
     assert "watched llama.cpp load exactly these pairs" in (release["dir"] / "README.md").read_text(encoding="utf-8")
+
+
+def test_smoke_tests_and_uploads_ran_while_the_next_file_quantized(release):
+    """The cold run smoke-tested finished files and sent them to the staging repo on lanes of their own: some
+    smoke and some pre-upload ran while a quantize ran, and no bench overlapped anything (its timings need
+    the machine to itself)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        # The module's first run of this release computed everything; later ones reuse it from the cache.
+        cold = min((r for r in client.read_flow_runs(limit=200) if r.start_time
+                    and r.parameters.get("output") == str(release["root"] / "release")), key=lambda r: r.start_time)
+        runs = [t for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[cold.id])),
+                                                 limit=500) if t.start_time and t.end_time]
+    spans = {kind: [(t.start_time, t.end_time) for t in runs if t.task_key.startswith(f"{kind}-")]
+             for kind in ("quantize", "smoke", "preupload", "bench")}
+    # 4 quants of the sidecar pair (trunk + head) and of the embedded file; both layouts' BF16 and 4 quants
+    assert len(spans["quantize"]) == 12 and len(spans["smoke"]) == len(spans["preupload"]) == 10
+
+    def overlap(a, b):
+        return a[0] < b[1] and b[0] < a[1]
+
+    assert any(overlap(s, q) for s in spans["smoke"] for q in spans["quantize"])
+    assert any(overlap(u, q) for u in spans["preupload"] for q in spans["quantize"])
+    busy = spans["quantize"] + spans["smoke"] + spans["preupload"]
+    assert spans["bench"] and not any(overlap(b, other) for b in spans["bench"] for other in busy)

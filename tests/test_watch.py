@@ -365,10 +365,11 @@ def test_prefect_yaml_deploys_and_an_eligible_event_starts_publish(local_hub, pr
     from flows.watch import watch
 
     with get_client(sync_client=True) as client:
-        try:
-            client.create_work_pool(WorkPoolCreate(name="mtpress", type="process"))
-        except ObjectAlreadyExists:
-            pass
+        for pool in ("mtpress", "mtpress-gpu"):  # prefect.yaml's pools: deploy refuses a pool that does not exist
+            try:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            except ObjectAlreadyExists:
+                pass
     deployed = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=REPO_ROOT,
                               env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
                               capture_output=True, text=True, timeout=300)

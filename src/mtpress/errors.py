@@ -100,6 +100,14 @@ class ToolFailedError(ToolchainError):
         super().__init__(f"command {' '.join(self.argv[:3])} … {reason}. output tail:\n{self.output_tail}")
 
 
+class RemoteRunError(MtpressError, RuntimeError):
+    """A stage handed to a Prefect deployment (another machine's work pool) did not complete there.
+
+    Example:
+        realign deployment realign/realign: flow run 0b6f… ended Failed (…)
+    """
+
+
 # QUALITY GATE ERRORS
 
 

@@ -121,6 +121,7 @@ def main(job_path: str) -> None:
         "parameters": sum(p.numel() for p in head.parameters()),
         "seconds": round(time.monotonic() - started, 1),
         "device": str(device), "threads": job["threads"], "torch": torch.__version__,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "processor": platform.processor() or platform.machine(),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

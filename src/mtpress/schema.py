@@ -69,12 +69,22 @@ class Target(StrictModel):
     license: str | None = None  # None: inherited from the fine-tune's card
     # Where the release is committed and verified with the real clients before it reaches `repo`.
     staging_repo: RepoId | None = None  # None: <repo>-staging
+    # Where a head re-aligned on another machine (head.deployment) is exchanged: private, never published.
+    realign_repo: RepoId | None = None  # None: <repo>-realign
 
     @model_validator(mode="after")
     def _staging_is_elsewhere(self) -> Target:
         if self.staging_repo == self.repo:
             raise ValueError("staging_repo must differ from repo: the release is verified there before it reaches repo")
+        if (self.realign_repo or f"{self.repo}-realign") in (self.repo, self.staging_repo or f"{self.repo}-staging"):
+            raise ValueError("realign_repo must differ from repo and staging_repo: it holds training results, "
+                             "which are never part of the release")
         return self
+
+    @property
+    def realign(self) -> Target:
+        """The private repo a re-aligned head trained elsewhere is committed to; the same endpoint as the target."""
+        return Target(repo=self.realign_repo or f"{self.repo}-realign", private=True)
 
     @property
     def staging(self) -> Target:
@@ -157,6 +167,18 @@ class ReleaseConfig(StrictModel):
         unknown = sorted(set(self.bench.quants or ()) - {"BF16", *self.quants})
         if unknown:
             raise ValueError(f"bench.quants names {', '.join(unknown)}, which the release does not build")
+        return self
+
+    @model_validator(mode="after")
+    def _remote_head_reads_the_hub(self) -> ReleaseConfig:
+        # The machine behind head.deployment shares no disk with this one: it can only read what the Hub holds.
+        if self.head.deployment is not None and self.head.source != "copy":
+            local = [key for key, value in (("finetune", self.finetune.path), ("donor", self.donor and self.donor.path),
+                                            ("head.prompts", self.head.prompts)) if value is not None]
+            if local:
+                raise ValueError(f"head.deployment trains on another machine, which cannot read the local "
+                                 f"{', '.join(local)}: give finetune and donor as Hub repos and leave head.prompts "
+                                 "unset (the shipped prompt set)")
         return self
 
     @field_validator("layouts")

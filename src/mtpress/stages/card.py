@@ -214,6 +214,7 @@ def card_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
         "gate_run": _gate_run(manifest.get("gate_details")),
         "hub_pairs": _hub_pairs(files, manifest.get("gate_details")),
         "mlx": as_table(manifest.get("mlx")),
+        "mlx_repo": (manifest.get("mlx") or {}).get("repo"),
         "config_yaml": yaml.safe_dump(_without_none(config), sort_keys=False, allow_unicode=True) if config else None,
         "sha256sums": "\n".join(f"{f['sha256']}  {f['path']}" for f in files if f["sha256"]),
         "vision_without_mmproj": arch["parameters_vision"] > 0 and not any("mmproj" in f["path"] for f in files),

@@ -9,6 +9,7 @@ with nothing changed makes no commit.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,6 +20,7 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from mtpress.errors import PublishError
 from mtpress.fsutil import HASH_CHUNK, sha256_file
 from mtpress.schema import Target
+from mtpress.stages.gguf_files import GgufFile
 
 Status = Literal["new", "changed", "unchanged", "deleted"]
 KEEP_REMOTE = {".gitattributes"}
@@ -112,6 +114,31 @@ def publish(release_dir: Path, target: Target, api: HfApi, *, message: str, dry_
                            hint="check the token's write access and the endpoint (HF_ENDPOINT); rerun to retry") from e
     uploaded = sum(f.size for f in plan.changes if f.status != "deleted")
     return PublishResult(target.repo, info.oid, info.oid != plan.parent_commit, url, uploaded, plan)
+
+
+def preupload(files: Sequence[GgufFile], release_dir: Path, target: Target, api: HfApi) -> int:
+    """Send finished files' LFS objects to the private ``target.repo`` ahead of its commit; return the bytes sent.
+
+    Nothing becomes visible: the objects belong to no commit until ``publish`` commits the folder, which then
+    finds them on the Hub and sends only what is still missing. Creates the repo if it does not exist, which
+    is why it must be private. Files the repo's main branch already holds with the same sha256 are skipped.
+    """
+    if not target.private:
+        raise PublishError(f"refusing to pre-upload to {target.repo}: it is public, and creating it now would "
+                           "show an empty release", hint="pre-upload only to the private staging repo")
+    try:
+        api.create_repo(target.repo, private=True, exist_ok=True)
+        remote = {s.rfilename: s.lfs.sha256 for s in api.model_info(target.repo, files_metadata=True).siblings or []
+                  if s.lfs is not None}
+        missing = [f for f in files if remote.get(f.path.relative_to(release_dir).as_posix()) != f.sha256]
+        if missing:
+            api.preupload_lfs_files(target.repo, additions=[
+                CommitOperationAdd(path_in_repo=f.path.relative_to(release_dir).as_posix(), path_or_fileobj=f.path)
+                for f in missing])
+    except HfHubHTTPError as e:
+        raise PublishError(f"pre-uploading to {target.repo} failed: {_first_line(e)}",
+                           hint="nothing was committed; the commit sends these files itself") from e
+    return sum(f.size for f in missing)
 
 
 def _first_line(error: Exception) -> str:

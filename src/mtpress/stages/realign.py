@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
+import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -35,6 +34,7 @@ from mtpress.checkpoint import INDEX, ModelDir
 from mtpress.errors import ModelError, ToolchainError, TrunkMismatchError
 from mtpress.fsutil import atomic_path, link_or_copy, sha256_file, write_text_atomic
 from mtpress.manifest import hardware
+from mtpress.safetensors_io import read_header
 from mtpress.stages.bench import first_per_domain, load_prompts
 from mtpress.stages.gguf_files import GgufFile
 from mtpress.stages.inject import HEAD_SHARD
@@ -80,6 +80,9 @@ class HeadSpec(BaseModel):
     device: str = "cpu"  # any torch device the converter's torch supports, e.g. "cuda"
     threads: Annotated[int, Field(ge=1)] = 2  # fixed, so results do not depend on the machine's core count
     timeout_s: Annotated[float, Field(gt=0)] = 6 * 3600.0
+    # A Prefect deployment ("flow/deployment", e.g. "realign/realign" on a GPU work pool) that collects and trains
+    # on another machine, which reads the inputs from the Hub and commits the head to the exchange repo; None: here.
+    deployment: str | None = None
 
 
 @dataclass(frozen=True)
@@ -243,36 +246,23 @@ def realign(model: ModelDir, data: HiddenStates, arch: ArchSpec, spec: HeadSpec,
                          hint="inject a donor's head first; realign trains it further")
     meta = json.loads((data.path / DATA_FILE).read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as staging:
-        staging.mkdir()
-        scratch = staging / ".trainer"
-        job = {"model": str(model.path), "data": str(data.path), "out": str(scratch),
+    # Named *.partial so that a run killed mid-training leaves nothing remove_stale_partials would keep.
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.trainer-", suffix=".partial", dir=out.parent) as scratch:
+        trainer_out = Path(scratch) / "out"
+        job = {"model": str(model.path), "data": str(data.path), "out": str(trainer_out),
                "config": arch.text_config(model.config), "head_tensors": head_names,
                "sequences": meta["sequences"], **spec.model_dump(mode="json", include=TRAINER_KEYS)}
-        job_path = staging / ".trainer-job.json"
+        job_path = Path(scratch) / "job.json"
         write_text_atomic(job_path, json.dumps(job))
         run_tool([str(tools.python), str(TRAINER), str(job_path)], timeout=spec.timeout_s)
-        report = json.loads((scratch / "report.json").read_text())
-        for entry in model.path.iterdir():
-            if entry.is_file() and entry.name not in (INDEX, HEAD_SHARD):
-                link_or_copy(entry, staging / entry.name)
-        os.replace(scratch / "head.safetensors", staging / HEAD_SHARD)
-        shutil.rmtree(scratch)
-        job_path.unlink()
-        weight_map = {n: s for n, s in model.weight_map.items() if not arch.is_head_tensor(n)}
-        weight_map |= {n: HEAD_SHARD for n in head_names}
-        trunk_bytes = sum(t.end - t.begin for n, t in model.tensors.items() if not arch.is_head_tensor(n))
-        head_bytes = sum(model.tensors[n].end - model.tensors[n].begin for n in head_names)
-        index = {"metadata": {"total_size": trunk_bytes + head_bytes,
-                              "mtpress_head": f"re-aligned on {data.generated_tokens} tokens of the trunk's output"},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        write_text_atomic(staging / INDEX, json.dumps(index, indent=2) + "\n")
-    head_shard = out / HEAD_SHARD
+        report = json.loads((trainer_out / "report.json").read_text())
+        realigned = write_head_checkpoint(model, arch, trainer_out / "head.safetensors", out,
+                                          generated_tokens=data.generated_tokens)
     machine = hardware()
     if report["device"] != "cpu":
-        machine["gpu"] = report["device"]
+        machine["gpu"] = report.get("device_name") or report["device"]
     return RealignResult(
-        model=ModelDir(out, f"{model.label}, head re-aligned", model.revision), head_sha256=sha256_file(head_shard),
+        model=realigned, head_sha256=sha256_file(out / HEAD_SHARD),
         data_source=data.prompt_set, data_tokens=data.tokens, generated_tokens=data.generated_tokens,
         train_positions=report["train_positions"],
         heldout_positions=report["heldout_positions"], steps=report["steps"], best_step=report["best_step"],
@@ -282,6 +272,35 @@ def realign(model: ModelDir, data: HiddenStates, arch: ArchSpec, spec: HeadSpec,
         wall_seconds=report["seconds"], hardware={**machine, "device": report["device"], "threads": report["threads"],
                                                   "torch": report["torch"]},
         parameters=report["parameters"], spec=spec.model_dump(mode="json", include=TRAINER_KEYS))
+
+
+def write_head_checkpoint(model: ModelDir, arch: ArchSpec, head: Path, out: Path, *,
+                          generated_tokens: int) -> ModelDir:
+    """``out`` (replaced whole, atomically): ``model``'s trunk shards hard-linked, ``head`` (a trained head's
+    safetensors) as ``model-mtp.safetensors``, an index covering both. Raises ModelError if ``head`` does not hold
+    exactly ``model``'s head tensors with their dtypes and shapes."""
+    expected = {n: (model.tensors[n].dtype, tuple(model.tensors[n].shape)) for n in arch.expected_head(model.config)}
+    tensors, _ = read_header(head)
+    got = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+    if got != expected:
+        wrong = sorted(set(got.items()) ^ set(expected.items()))
+        raise ModelError(f"{head} is not a head for {model.label}: it differs in {', '.join(n for n, _ in wrong[:3])}",
+                         hint="train the head again on this model (the realign stage)")
+    with atomic_path(out) as staging:
+        staging.mkdir()
+        for entry in model.path.iterdir():
+            if entry.is_file() and entry.name not in (INDEX, HEAD_SHARD):
+                link_or_copy(entry, staging / entry.name)
+        link_or_copy(head, staging / HEAD_SHARD)
+        weight_map = {n: s for n, s in model.weight_map.items() if not arch.is_head_tensor(n)}
+        weight_map |= {n: HEAD_SHARD for n in expected}
+        size = sum(t.end - t.begin for n, t in model.tensors.items() if not arch.is_head_tensor(n))
+        size += sum(t.end - t.begin for t in tensors.values())
+        index = {"metadata": {"total_size": size,
+                              "mtpress_head": f"re-aligned on {generated_tokens} tokens of the trunk's output"},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        write_text_atomic(staging / INDEX, json.dumps(index, indent=2) + "\n")
+    return ModelDir(out, f"{model.label}, head re-aligned", model.revision)
 
 
 def _post(url: str, endpoint: str, payload: dict, timeout: float) -> Any:

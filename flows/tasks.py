@@ -1,0 +1,12 @@
+"""Stages more than one flow runs, wrapped as Prefect tasks once, with their retries."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from mtpress.stages import bench, convert, download, inject
+
+fetch_task = task(download.fetch, name="fetch", retries=3, retry_delay_seconds=[2, 10, 30])
+inject_task = task(inject.inject, name="inject")
+convert_task = task(convert.convert, name="convert")
+bench_task = task(bench.bench, name="bench")
