@@ -53,7 +53,7 @@ class StageCache:
         self.hits: list[str] = []
         # Seconds each stage's results took to compute, in this run or the run that stored them: a rerun
         # that reuses everything reports the same figures, so the manifest (and the repo) do not change.
-        self.seconds: dict[str, float] = {}
+        self._seconds: dict[str, float] = {}
         self._lock = threading.Lock()  # stages may finish on more than one thread (the flow's smoke lane)
 
     def lookup(self, stage: str, key: str) -> Any | None:
@@ -86,9 +86,15 @@ class StageCache:
         stored = json.loads(entry.read_text())
         return stored if all(_unchanged(Path(path), stat) for path, stat in stored["outputs"]) else None
 
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Seconds per stage, by stage name: stages on parallel lanes finish in any order, the manifest must not."""
+        with self._lock:
+            return dict(sorted(self._seconds.items()))
+
     def _count(self, stage: str, seconds: float) -> None:
         with self._lock:
-            self.seconds[stage] = round(self.seconds.get(stage, 0.0) + seconds, 1)
+            self._seconds[stage] = round(self._seconds.get(stage, 0.0) + seconds, 1)
 
 
 def _flatten(value: Any) -> list[Any]:

@@ -51,6 +51,19 @@ def test_keys_depend_on_content_not_order_of_dict_keys():
     assert cache_key("sha1") != cache_key("sha2")
 
 
+def test_stage_seconds_do_not_depend_on_the_order_parallel_lanes_finished_in(tmp_path):
+    """Smoke and quantize finish interleaved in any order; the manifest records the same figures either way."""
+    import json
+
+    recorded = []
+    for order in (["quantize", "smoke", "quantize"], ["smoke", "quantize", "quantize"]):
+        cache = StageCache(tmp_path / "-".join(order))
+        for i, stage in enumerate(order):
+            cache.run(stage, f"key-{i}", lambda: None)
+        recorded.append(json.dumps(cache.seconds))
+    assert recorded[0] == recorded[1] and list(json.loads(recorded[0])) == ["quantize", "smoke"]
+
+
 def test_file_hashes_are_remembered_per_inode_and_follow_replacement(tmp_path):
     import hashlib
     import os

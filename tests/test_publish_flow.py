@@ -247,7 +247,7 @@ def test_smoke_tests_and_uploads_ran_while_the_next_file_quantized(release):
         cold = min((r for r in client.read_flow_runs(limit=200) if r.start_time
                     and r.parameters.get("output") == str(release["root"] / "release")), key=lambda r: r.start_time)
         runs = [t for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[cold.id])),
-                                                 limit=500) if t.start_time and t.end_time]
+                                                 limit=200) if t.start_time and t.end_time]
     spans = {kind: [(t.start_time, t.end_time) for t in runs if t.task_key.startswith(f"{kind}-")]
              for kind in ("quantize", "smoke", "preupload", "bench")}
     # 4 quants of the sidecar pair (trunk + head) and of the embedded file; both layouts' BF16 and 4 quants
