@@ -72,10 +72,10 @@ def generate(tools: LlamaCpp, server_args: list[str], spec: SmokeSpec) -> Genera
 
 
 def generate_with_image(tools: LlamaCpp, server_args: list[str], spec: SmokeSpec,
-                        image: bytes | None) -> tuple[Generation, Generation | None]:
+                        image: bytes | None, threads: int | None = None) -> tuple[Generation, Generation | None]:
     """The text request and, given ``image``, one that carries it, on one server."""
     env = {"LLAMA_MEDIA_MARKER": MEDIA_MARKER} if image is not None else None
-    with llama_server(tools, server_args, timeout=spec.timeout_s, env=env) as server:
+    with llama_server(tools, server_args, timeout=spec.timeout_s, threads=threads, env=env) as server:
         text = parse_generation(server.completion(greedy_request(spec.prompt, spec.n_predict), timeout=spec.timeout_s))
         if image is None:
             return text, None
@@ -101,9 +101,10 @@ def parse_generation(body: dict) -> Generation:
 
 
 def _smoke_without_head(model: GgufFile, spec: SmokeSpec, tools: LlamaCpp, mmproj: GgufFile | None,
-                        image: bytes | None) -> SmokeResult:
+                        image: bytes | None, threads: int | None) -> SmokeResult:
     plain, plain_image = generate_with_image(
-        tools, server_args(model, None, mtp=False, draft_n_max=spec.draft_n_max, mmproj=mmproj), spec, image)
+        tools, server_args(model, None, mtp=False, draft_n_max=spec.draft_n_max, mmproj=mmproj), spec, image,
+        threads)
     for what, generation in (("text", plain), ("image", plain_image)):
         if generation is not None and len(generation.tokens) != spec.n_predict:
             raise QualityGateError(f"smoke {model.name}: the {what} request generated {len(generation.tokens)} "
@@ -130,18 +131,21 @@ def server_args(model: GgufFile, head: GgufFile | None, *, mtp: bool, draft_n_ma
 
 
 def smoke(model: GgufFile, head: GgufFile | None, spec: SmokeSpec, tools: LlamaCpp,
-          mmproj: GgufFile | None = None) -> SmokeResult:
+          mmproj: GgufFile | None = None, threads: int | None = None) -> SmokeResult:
     """Raise QualityGateError naming the file if output differs, is empty, or nothing was drafted.
 
     A file without a head (released without one) only has to generate: draft-mtp would refuse to start.
+    ``threads``: llama-server's (default: every core); greedy tokens do not depend on it.
     """
     image = smoke_image(spec) if mmproj else None
     if head is None and model.nextn_layers == 0:
-        return _smoke_without_head(model, spec, tools, mmproj, image)
+        return _smoke_without_head(model, spec, tools, mmproj, image, threads)
     plain, plain_image = generate_with_image(
-        tools, server_args(model, head, mtp=False, draft_n_max=spec.draft_n_max, mmproj=mmproj), spec, image)
+        tools, server_args(model, head, mtp=False, draft_n_max=spec.draft_n_max, mmproj=mmproj), spec, image,
+        threads)
     with_mtp, mtp_image = generate_with_image(
-        tools, server_args(model, head, mtp=True, draft_n_max=spec.draft_n_max, mmproj=mmproj), spec, image)
+        tools, server_args(model, head, mtp=True, draft_n_max=spec.draft_n_max, mmproj=mmproj), spec, image,
+        threads)
     identical = plain.tokens == with_mtp.tokens
     image_identical = plain_image.tokens == mtp_image.tokens if plain_image and mtp_image else None
     result = SmokeResult(
