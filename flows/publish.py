@@ -123,7 +123,7 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
     def smoke_one(model: GgufFile, head: GgufFile | None) -> smoke.SmokeResult:
         key = cache_key(model.sha256, head.sha256 if head else None, mmproj.sha256 if mmproj else None,
                         cfg.smoke.model_dump(), tools.version)
-        ran = cache.run("smoke", key, smoke_task, model, head, cfg.smoke, tools, mmproj, threads=lane_threads)
+        ran = cache.run("smoke", key, smoke_task, model, head, cfg.smoke, tools, mmproj, threads=lane_threads())
         advance(f"smoke {model.layout}/{model.name}: " + (f"identical tokens, drafted {ran.drafted}"
                                                           if ran.tokens_identical else "generated (no MTP head)")
                 + (f"; with an image: identical tokens, drafted {ran.image_drafted}" if ran.image_drafted else ""))
@@ -150,7 +150,6 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
     # one quantizes. One smoke and one upload at a time and never a second conversion, so memory holds at
     # most one quantize, one llama-server and one upload's buffers beside the converter's peak. Benchmarks
     # wait for all of it: their timings need the machine to themselves.
-    build_threads, lane_threads = split_cores()
     smoke_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="smoke")
     upload_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="upload")
     smokes: list[Future] = []
@@ -170,8 +169,7 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
                 _raise_first_failure(smokes)
                 quantized = [cache.run("quantize", quantize_key(f, quant, cfg, tools),
                                        _occupying, "quantize-cpu", quantize_task, f, quant, arch,
-                                       injected.model.config, name=cfg.name, tools=tools, head_type=cfg.head_type,
-                                       threads=build_threads)
+                                       injected.model.config, name=cfg.name, tools=tools, head_type=cfg.head_type)
                              for f in bf16]
                 files += quantized
                 advance(f"quantize {layout} {quant}")
@@ -278,13 +276,12 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
     return str(release_dir)
 
 
-def split_cores() -> tuple[int, int]:
-    """Threads for quantizing and for the smoke lane beside it: together the machine's cores, never more.
-    llama.cpp's threads spin while they wait for each other, so two tools that each take every core slow
-    each other down far beyond their share (on 2 cores, both at 2 threads: the cold run's CPU time 367 s → 566 s)."""
-    cores = len(os.sched_getaffinity(0))
-    lane = max(1, cores // 2)
-    return max(1, cores - lane), lane
+def lane_threads() -> int:
+    """llama-server's threads on the smoke lane, beside a quantize that takes every core. llama-quantize's
+    workers never wait on each other, but llama-server's spin while they wait: one or a few server threads
+    share the cores without waste. Measured on 2 cores (large benchmark model): both tools at 2 threads cost
+    54 % more CPU than running them in turn; a 1 + 1 split left quantizing, the longer job, half the cores."""
+    return max(1, len(os.sched_getaffinity(0)) // 4)
 
 
 def _in_run_context(pool: ThreadPoolExecutor, fn, *args) -> Future:

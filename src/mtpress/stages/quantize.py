@@ -15,19 +15,18 @@ QUANTIZE_TIMEOUT_S = 3 * 3600
 
 
 def quantize(src: GgufFile, quant: str, arch: ArchSpec, config: dict, *, name: str, tools: LlamaCpp,
-             head_type: str | None = None, threads: int | None = None) -> GgufFile:
+             head_type: str | None = None) -> GgufFile:
     """Write ``<name>-<quant>.gguf`` (or its ``mtp-`` head) beside ``src``.
 
     A head file keeps the trunk's tag in its name whatever precision its tensors got, so llama.cpp's
-    ``-hf`` pairs each trunk with the head meant for it. ``threads`` (default: every core) does not change
-    the output's bytes.
+    ``-hf`` pairs each trunk with the head meant for it.
     """
     final = src.path.parent / gguf_name(name, quant, src.role)
     partial = final.with_name(f".{final.name}.{os.getpid()}.partial")
     argv = [str(tools.tool("llama-quantize"))]
     if head_type and src.nextn_layers:
         argv += ["--tensor-type", rf"blk\.{arch.head_gguf_block(config)}\.={head_type.lower()}"]
-    argv += [str(src.path), str(partial), quant, str(threads or os.cpu_count() or 2)]
+    argv += [str(src.path), str(partial), quant, str(os.cpu_count() or 2)]
     try:
         run_tool(argv, timeout=QUANTIZE_TIMEOUT_S)
         gguf = describe_gguf(partial, arch, config, name=final.name, layout=src.layout, role=src.role, quant=quant)
