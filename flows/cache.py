@@ -1,10 +1,12 @@
 """Never redo a stage whose inputs are unchanged, across runs and processes.
 
-A stage's key hashes its inputs by content (sha256 of files, toolchain version, stage
-parameters, mtpress version) — never paths. Its result is stored under the key next to the
-outputs; a hit is used only if every output file it names still exists with the size and
-modification time recorded when it was written. Outputs are renamed into place only when
-complete, so a run that died midway leaves nothing a later run could mistake for a result.
+A stage's key hashes its inputs by content (sha256 of files, toolchain version, stage parameters) —
+never paths — and the code that computes it: the digest of the stage's module and every mtpress module
+it imports (``mtpress.code_digest``), so a changed stage reruns while unchanged ones are reused. Its
+result is stored under the key next to the outputs; a hit is used only if every output file it names
+still exists with the size and modification time recorded when it was written. Outputs are renamed
+into place only when complete, so a run that died midway leaves nothing a later run could mistake for
+a result.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mtpress.checkpoint import ModelDir
+from mtpress.code_digest import code_digest
 from mtpress.fsutil import write_text_atomic
 from mtpress.stages.bench import BenchResult, ConfigResult, Figures, Sample, Spread
 from mtpress.stages.export_mlx import MlxChecks, MlxPack, PackFile
@@ -37,13 +40,18 @@ RESULT_TYPES = {cls.__name__: cls for cls in (GgufFile, SmokeResult, BenchResult
 # A stored result whose type has since gained or lost fields must not be decoded: it is part of every key.
 RESULT_SCHEMA = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in RESULT_TYPES.items()}
 CACHE_DIR = ".mtpress-cache"
-FORMAT = 1
+FORMAT = 2
+# The module whose code (with everything it imports from mtpress) makes each stage's results.
+STAGE_CODE = {
+    "convert": "mtpress.stages.convert", "mmproj": "mtpress.stages.convert", "quantize": "mtpress.stages.quantize",
+    "smoke": "mtpress.stages.smoke", "bench": "mtpress.stages.bench", "quality": "mtpress.stages.quality",
+    "gate": "mtpress.stages.gate", "collect": "mtpress.stages.realign", "realign": "mtpress.stages.realign",
+    "export_mlx": "mtpress.stages.export_mlx", "check_mlx": "mtpress.stages.export_mlx",
+}
 
 
 def cache_key(*parts: Any) -> str:
-    from importlib.metadata import version
-
-    payload = json.dumps([FORMAT, RESULT_SCHEMA, version("mtpress"), *parts], sort_keys=True, default=str)
+    payload = json.dumps([FORMAT, RESULT_SCHEMA, *parts], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
@@ -55,6 +63,14 @@ class StageCache:
         # that reuses everything reports the same figures, so the manifest (and the repo) do not change.
         self._seconds: dict[str, float] = {}
         self._lock = threading.Lock()  # stages may finish on more than one thread (the flow's smoke lane)
+        self._code: dict[str, str] = {}  # stage → code digest, read once per run: the code a run loaded
+
+    def _entry(self, stage: str, key: str) -> Path:
+        if stage not in STAGE_CODE:
+            raise KeyError(f"stage {stage!r} has no entry in STAGE_CODE: name the module that computes it")
+        with self._lock:
+            code = self._code.setdefault(stage, code_digest(STAGE_CODE[stage]))
+        return self.root / f"{stage}-{cache_key(key, code)}.json"
 
     def lookup(self, stage: str, key: str) -> Any | None:
         """The result stored under ``key`` if every file it names is intact, else None; counts nothing."""
@@ -68,7 +84,7 @@ class StageCache:
             self.hits.append(stage)
             self._count(stage, stored["seconds"])
             return _decode(stored["result"])
-        entry = self.root / f"{stage}-{key}.json"
+        entry = self._entry(stage, key)
         start = time.monotonic()
         result = compute(*args, **kwargs)
         seconds = round(time.monotonic() - start, 1)
@@ -80,7 +96,7 @@ class StageCache:
         return result
 
     def _valid_entry(self, stage: str, key: str) -> dict | None:
-        entry = self.root / f"{stage}-{key}.json"
+        entry = self._entry(stage, key)
         if not entry.is_file():
             return None
         stored = json.loads(entry.read_text())

@@ -104,3 +104,60 @@ def test_big_file_hashes_are_remembered_across_processes_until_the_file_is_repla
     replacement.write_bytes(b"y" * MEMO_MIN_BYTES)
     os.replace(replacement, path)
     assert sha256_file(path) == hashlib.sha256(b"y" * MEMO_MIN_BYTES).hexdigest()
+
+
+def test_a_changed_stage_reruns_and_an_unrelated_change_does_not(tmp_path, monkeypatch):
+    """Keys carry the code: editing the stage's module, or a module it imports, invalidates its results;
+    editing a module it does not reach leaves them reusable."""
+    import importlib
+
+    from flows import cache as cache_module
+    from mtpress.code_digest import code_digest
+
+    package = tmp_path / "src" / "fakepress"
+    (package / "stages").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "stages" / "__init__.py").write_text("")
+    (package / "helpers.py").write_text("SCALE = 1\n")
+    (package / "card.py").write_text("TITLE = 'x'\n")
+    (package / "stages" / "quantize.py").write_text("def scale():\n    from ..helpers import SCALE\n    return SCALE\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    importlib.invalidate_caches()
+    monkeypatch.setitem(cache_module.STAGE_CODE, "quantize", "fakepress.stages.quantize")
+    monkeypatch.setattr(cache_module, "code_digest", lambda module: code_digest(module, package="fakepress"))
+    calls = []
+
+    def stage():
+        calls.append(1)
+        return [gguf(tmp_path / "m.gguf", b"model")]
+
+    def run_once():  # a new StageCache per run, as each flow run makes one
+        StageCache(tmp_path / "release").run("quantize", cache_key("sha", "Q4_K_M"), stage)
+
+    run_once()
+    run_once()
+    assert len(calls) == 1
+    (package / "card.py").write_text("TITLE = 'y'\n")  # not imported by the stage
+    run_once()
+    assert len(calls) == 1
+    (package / "helpers.py").write_text("SCALE = 2\n")  # imported (deferred, relative) by the stage
+    run_once()
+    assert len(calls) == 2
+    (package / "stages" / "quantize.py").write_text("def scale():\n    return 3\n")
+    run_once()
+    assert len(calls) == 3
+
+
+def test_every_stage_the_flows_cache_names_its_code():
+    """A stage name missing from STAGE_CODE would be cached without its code: the cache refuses it."""
+    import re
+
+    import pytest
+
+    from flows.cache import STAGE_CODE
+
+    sources = "".join(p.read_text() for p in Path(__file__).parents[1].joinpath("flows").glob("*.py"))
+    used = set(re.findall(r'cache\.(?:run|lookup)\(\s*"(\w+)"', sources))
+    assert used and used <= set(STAGE_CODE)
+    with pytest.raises(KeyError, match="STAGE_CODE"):
+        StageCache(Path("/nonexistent")).lookup("unnamed", "k")
