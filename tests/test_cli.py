@@ -57,3 +57,27 @@ def test_a_llama_cpp_of_another_version_is_refused(tmp_path):
     out = mtpress("toolchain", "doctor", env={"MTPRESS_LLAMA_CPP": str(tmp_path)})
     assert out.returncode == 1
     assert "is llama.cpp b9999; mtpress is pinned to b11434" in out.stderr
+
+
+def test_publish_refuses_a_bad_config_in_a_second_before_prefect_starts(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nfinetune: {repo: a/b}\ntarget: {repo: c/d}\nquants: [Q9_K]\n")
+    out = mtpress("publish", str(bad))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith(f"error: {bad}: quants: unknown quant type 'Q9_K'")
+    assert "prefect" not in out.stderr.lower()
+
+
+def test_an_error_inside_the_flow_is_printed_once_and_its_trace_only_with_debug(tmp_path, toolchain):
+    """A stage's error passes through the task, its retries and the flow: the terminal shows it once."""
+    config = tmp_path / "missing.yaml"
+    config.write_text(f"name: Missing\nfinetune: {{path: {tmp_path / 'nowhere'}}}\ntarget: {{repo: c/d}}\n")
+    quiet = mtpress("publish", str(config), "--no-push", "--output", str(tmp_path / "release"),
+                    env={"PREFECT_HOME": str(tmp_path / "prefect")})
+    assert quiet.returncode == 1, quiet.stderr
+    assert quiet.stderr.count("nowhere: not a directory") == 1 and "Traceback" not in quiet.stderr
+    assert [line for line in quiet.stderr.splitlines() if line.startswith("error: ")] == [
+        f"error: {tmp_path / 'nowhere'}: not a directory"]
+    loud = mtpress("publish", str(config), "--no-push", "--debug", "--output", str(tmp_path / "release"),
+                   env={"PREFECT_HOME": str(tmp_path / "prefect")})
+    assert loud.returncode == 1 and "Traceback" in loud.stderr

@@ -6,7 +6,9 @@ set MTPRESS_DEBUG=1 to see the traceback instead.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
@@ -32,16 +34,50 @@ def publish(config: ConfigArg,
             dry_run: Annotated[bool, typer.Option(help="print the publish plan, commit nothing")] = False,
             token_secret: Annotated[str | None, typer.Option(
                 help="name of a Prefect Secret block holding the Hub token, used when HF_TOKEN is unset")] = None,
+            debug: Annotated[bool, typer.Option(help="also print the tracebacks of mtpress's own errors (the "
+                                                     "Prefect UI's logs always keep them)")] = False,
             ) -> None:
     """Run the publish flow for one release config: download, inject, convert, quantize, smoke, card, publish.
 
     The Hub is HF_ENDPOINT (default huggingface.co); the token is HF_TOKEN or the --token-secret block.
     """
+    from mtpress.schema import load_release_config
+
+    load_release_config(config)  # a bad config fails here, in a second, before a Prefect server starts
     from flows.publish import publish as publish_flow
 
+    if not debug:
+        show_own_errors_once()
     release = publish_flow(str(config), str(output) if output else None, push=push, dry_run=dry_run,
                            token_secret=token_secret)
     typer.echo(f"release folder: {release}")
+
+
+class _OwnErrorsOnce(logging.Filter):
+    """Keeps Prefect's console from repeating an mtpress error (with its traceback) for the task, its retries and
+    the flow: the CLI prints it once as `error: … → hint`. Only the console is filtered; the records still reach
+    the Prefect API, so the run's logs in the UI keep the full trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Prefect's state summaries name the class: "Finished in state Failed('… exception ModelError: …')".
+        self.names = re.compile(r"\b(?:%s)\b[:(]" % "|".join(sorted(_subclass_names(MtpressError))))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], MtpressError):
+            return False
+        return not self.names.search(record.getMessage())
+
+
+def _subclass_names(cls: type) -> set[str]:
+    return {cls.__name__, *(name for sub in cls.__subclasses__() for name in _subclass_names(sub))}
+
+
+def show_own_errors_once() -> None:
+    own = _OwnErrorsOnce()
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PrefectConsoleHandler":
+            handler.addFilter(own)
 
 
 @app.command()
@@ -217,18 +253,42 @@ def toolchain_doctor() -> None:
 
 @hub_app.command("serve")
 def hub_serve(root: Annotated[Path, typer.Option(help="where repos are stored")] = Path("releases/hub"),
-              host: str = "127.0.0.1", port: int = 8765) -> None:
-    """Serve the local Hub-compatible endpoint (point HF_ENDPOINT at it)."""
-    from mtpress.hub.server import serve
+              host: str = "127.0.0.1", port: Annotated[int, typer.Option(help="0 picks a free port")] = 8765,
+              token_file: Annotated[Path | None, typer.Option(
+                  help="file holding the write token (default: a new one, printed once)",
+                  exists=True, dir_okay=False)] = None,
+              allow_faults: Annotated[bool, typer.Option(
+                  help="serve the fault-injection route /_mtpress/faults (reliability tests)")] = False) -> None:
+    """Serve the local Hub-compatible endpoint (point HF_ENDPOINT at it).
 
-    typer.echo(f"local Hub on http://{host}:{port} (export HF_ENDPOINT=http://{host}:{port} HF_HUB_DISABLE_XET=1)")
-    serve(root, host, port)
+    Writes and private repos need the token; public repos are readable without one, as on the Hub.
+    """
+    import shlex
+
+    from mtpress.hub.server import LocalHub, new_token, serve
+
+    token = token_file.read_text(encoding="utf-8").strip() if token_file else new_token()
+    try:
+        hub = LocalHub(root, host=host, port=port, tokens={token}, faults=allow_faults)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--token-file") from None
+    hub.bind()  # first, so that the address shown is the real one (with --port 0 too)
+    typer.echo(f"local Hub on {hub.url}, repos in {root}{', fault injection on' if allow_faults else ''}")
+    # The only place the generated token is ever shown; it is in no log and no file.
+    shown = f'"$(cat {shlex.quote(str(token_file))})"' if token_file else token
+    typer.echo(f"export HF_ENDPOINT={hub.url} HF_HUB_DISABLE_XET=1 HF_TOKEN={shown}")
+    if token_file is None:
+        typer.echo("(a new write token, shown only this once; --token-file PATH keeps one across restarts)")
+    serve(hub)
 
 
 def main() -> None:
     # Without PREFECT_API_URL each run starts a temporary Prefect server; on a busy 2-core machine its first
     # start (database migrations) can take longer than Prefect's default 20 s wait.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # mtpress runs offline as often as not: Prefect's usage telemetry would only print failed-to-send tracebacks.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     try:
         app()
     except MtpressError as e:
