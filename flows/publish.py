@@ -23,38 +23,45 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from pydantic import BaseModel
 
 from flows.cache import StageCache, cache_key
-from flows.mlx_pack import build_mlx_pack
+from flows.mlx_pack import build_mlx_pack, mlx_target
 from flows.realign import choose_head
 from flows.release_gate import stage_and_verify
+from flows.retries import retry_if_transient
 from flows.secrets import use_token_from_secret
 from flows.stage_keys import convert_key, quantize_key, reused_outputs
 from flows.tasks import bench_task, convert_task, fetch_task, inject_task
 from mtpress.archs import get_arch
+from mtpress.archs.base import ArchSpec
 from mtpress.checkpoint import ModelDir
 from mtpress.concurrency import occupy
 from mtpress.errors import PublishError
-from mtpress.fsutil import dir_digest, remove_stale_partials, sha256_file
+from mtpress.fsutil import dir_digest, hold_folder, remove_stale_partials, sha256_file
 from mtpress.hub.client import hub_api
 from mtpress.manifest import hardware, jsonable, read_manifest, write_manifest
 from mtpress.schema import ReleaseConfig, Source, load_release_config
 from mtpress.stages import convert, quality, quantize, smoke
 from mtpress.stages.card import render_card, write_card
 from mtpress.stages.gguf_files import GgufFile
+from mtpress.stages.inject import InjectResult
 from mtpress.stages.preflight import check_disk_space, planned_output_bytes
-from mtpress.stages.publish import preupload
+from mtpress.stages.publish import check_write_access, preupload
 from mtpress.stages.publish import publish as publish_stage
 from mtpress.toolchain import resolve_toolchain
 
 mmproj_task = task(convert.export_mmproj, name="mmproj")
 quantize_task = task(quantize.quantize, name="quantize")
-smoke_task = task(smoke.smoke, name="smoke", retries=1)
+# Retried only when llama-server ran out of time: a mismatch or a dead head fails the same way again.
+smoke_task = task(smoke.smoke, name="smoke", retries=1, retry_condition_fn=retry_if_transient)
 toolchain_task = task(resolve_toolchain, name="toolchain")
 render_card_task = task(render_card, name="card")
 quality_task = task(quality.quality, name="quality")
-# Retries are safe: a failed commit leaves the repo unchanged and unchanged files are never re-sent.
-publish_task = task(publish_stage, name="publish", retries=2, retry_delay_seconds=[10, 60])
+# Only transient failures are retried (a failed commit leaves the repo unchanged, unchanged files are never
+# re-sent); a 412 never is: the retry would plan against another writer's commit and delete their files.
+publish_task = task(publish_stage, name="publish", retries=2, retry_delay_seconds=[10, 60],
+                    retry_condition_fn=retry_if_transient)
 # No retries: a pre-upload that fails costs nothing, the staging commit sends what is missing.
 preupload_task = task(preupload, name="preupload")
 
@@ -71,10 +78,17 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
     log = get_run_logger()
     use_token_from_secret(token_secret)
     cfg: ReleaseConfig = load_release_config(Path(config))
+    if push and not dry_run:  # a token that cannot publish there fails now, not after the build
+        check_write_access(hub_api(), cfg.target, *([cfg.target.staging] if cfg.gate.enabled else []),
+                           *([mlx_target(cfg)] if cfg.mlx else []))
     arch = get_arch(cfg.arch)
     release_dir = Path(output or Path("releases") / cfg.name).resolve()
     work = release_dir.parent / f".work-{cfg.name}"
-    if release_dir.is_dir() and (stale := remove_stale_partials(release_dir)):
+    # One run per release folder (and work folder, which other release folders of this name share): what is
+    # removed next can only be what a killed run left, never a running one's partial files.
+    for folder in (release_dir, work):
+        hold_folder(folder)
+    if stale := remove_stale_partials(release_dir) + remove_stale_partials(work):
         log.warning("removed %d leftovers of an interrupted run: %s", len(stale), ", ".join(p.name for p in stale))
 
     tools = toolchain_task()
@@ -205,18 +219,16 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
     update_progress_artifact(progress, 100.0)
     # The Apple Silicon pack: same checkpoint, after smoke (its checks compare with the BF16 tokens).
     mlx_release = build_mlx_pack(cfg, injected.model, arch, release_dir, model_digest, smoke_results, cache,
-                                 {"finetune": _input_record(finetune, cfg.finetune),
-                                  "donor": _input_record(donor, cfg.donor) if donor else None}) if cfg.mlx else None
+                                 _inputs(cfg, arch, finetune, donor, injected)) if cfg.mlx else None
 
     manifest_path = write_manifest(release_dir, {
         "release": cfg.name,
         "config_file": _config_label(Path(config)),
         "mtpress": version("mtpress"),
-        "config": cfg.model_dump(mode="json"),
+        "config": _config_record(cfg),
         "toolchain": tools.describe(),
         "hardware": hardware(),
-        "inputs": {"finetune": _input_record(finetune, cfg.finetune),
-                   "donor": _input_record(donor, cfg.donor) if donor else None},
+        "inputs": _inputs(cfg, arch, finetune, donor, injected),
         "architecture": arch.describe(injected.model.config, injected.model.tensors),
         "inject": {"action": injected.action, "reason": injected.reason, "head": injected.head,
                    "bytes_written": injected.bytes_written, "vocabulary": injected.vocabulary},
@@ -320,18 +332,43 @@ def pair_models_with_heads(files: list[GgufFile]) -> list[tuple[GgufFile, GgufFi
             for f in files if f.role == "model"]
 
 
-def _input_record(model: ModelDir, source: Source) -> dict:
+def _inputs(cfg: ReleaseConfig, arch: ArchSpec, finetune: ModelDir, donor: ModelDir | None,
+            injected: InjectResult) -> dict:
+    """The checkpoints the release was made from. A donor whose head went unused (the fine-tune kept its own)
+    is none of them: it is not recorded, so no card credits it."""
+    return {"finetune": _input_record(finetune, cfg.finetune, arch),
+            "donor": _input_record(donor, cfg.donor, arch) if donor and injected.action == "injected" else None}
+
+
+def _input_record(model: ModelDir, source: Source, arch: ArchSpec) -> dict:
+    """A Hub repo at its commit, or a local folder by its name (the label) and its content digest: where it sits
+    on the publisher's machine is theirs. ``mtp_layers``: what the checkpoint's own config declares."""
     card = model.path / "README.md"
     card_data = metadata_load(card) if card.is_file() else None
     return {"label": model.label, "repo": source.repo, "revision": model.revision,
+            "digest": dir_digest(model.path) if source.path else None, "mtp_layers": arch.mtp_layers(model.config),
             "license": (card_data or {}).get("license"),
             "files": {name: sha256_file(model.path / name) for name in model.shard_files()}}
 
 
+def _config_record(config: BaseModel) -> dict:
+    """The release config as the manifest and the card publish it: every local path (a source folder, a prompt
+    set, a calibration text, an image) by its name alone, as a config beside those files would give it."""
+    record = config.model_dump(mode="json")
+    for name in type(config).model_fields:
+        value = getattr(config, name)
+        if isinstance(value, Path):
+            record[name] = value.name
+        elif isinstance(value, BaseModel):
+            record[name] = _config_record(value)
+    return record
+
+
 def _config_label(path: Path) -> str:
-    """The config as a user would name it to rerun: relative to the working directory when inside it."""
+    """The config as a user would name it to rerun: relative to the working directory when inside it, else its
+    name alone (the publisher's directories are theirs)."""
     resolved = path.resolve()
-    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else str(resolved)
+    return str(resolved.relative_to(Path.cwd())) if resolved.is_relative_to(Path.cwd()) else resolved.name
 
 
 def _key(name: str, what: str) -> str:

@@ -16,6 +16,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from flows.cache import StageCache, cache_key
+from flows.retries import retry_if_transient
 from mtpress.manifest import read_manifest, write_manifest
 from mtpress.schema import ReleaseConfig
 from mtpress.stages.card import render_card, write_card
@@ -23,7 +24,8 @@ from mtpress.stages.gate import GateResult, gate, pairings_from_manifest
 from mtpress.stages.publish import publish as publish_stage
 from mtpress.toolchain import LlamaCpp
 
-stage_task = task(publish_stage, name="stage", retries=2, retry_delay_seconds=[10, 60])
+stage_task = task(publish_stage, name="stage", retries=2, retry_delay_seconds=[10, 60],
+                  retry_condition_fn=retry_if_transient)
 gate_task = task(gate, name="gate")
 
 

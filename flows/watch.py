@@ -23,6 +23,7 @@ from typing import Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.retries import retry_if_transient
 from mtpress.errors import MtpressError
 from mtpress.hub.client import hub_api
 from mtpress.watch import (
@@ -43,12 +44,13 @@ ELIGIBLE_EVENT = "mtpress.candidate.eligible"
 Launcher = Literal["deployment", "event", "none"]
 
 
-@task(name="discover", retries=2, retry_delay_seconds=[5, 30])
+@task(name="discover", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_if_transient)
 def discover_task(policy: WatchPolicy) -> list[Candidate]:
     return discover(policy, hub_api())
 
 
-@task(name="inspect", task_run_name="inspect {candidate.repo}", retries=2, retry_delay_seconds=[5, 30])
+@task(name="inspect", task_run_name="inspect {candidate.repo}", retries=2, retry_delay_seconds=[5, 30],
+      retry_condition_fn=retry_if_transient)
 def inspect_task(candidate: Candidate, policy: WatchPolicy) -> CandidateInfo:
     return inspect_candidate(candidate, policy, hub_api())
 

@@ -289,7 +289,7 @@ def bench_size(size: str, quants: list[str] | None, work: Path, code: dict[str, 
     model_bytes = sum(p.stat().st_size for p in finetune.glob("*.safetensors"))
     name = f"Qwen3.5-{size}-FT-MTP"
     logs = ROOT / "releases" / "benchmark-logs"  # kept (small), replaced by the next run
-    with LocalHub(work / "hub") as hub:
+    with LocalHub(work / "hub", tokens={TOKEN}) as hub:
         # Prefect's ephemeral API server needs more than its default 20 s to start on a busy 2-core machine.
         env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "PREFECT_HOME": str(work / "prefect"),
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",

@@ -163,7 +163,7 @@ def run_watch(work: Path) -> None:
     policy = work / "watch.yaml"
     policy.write_text(json.dumps({"bases": [{"repo": BASE}], "licenses": ["apache-2.0", "mit"],
                                   "target_namespace": "mtpress-bot"}), encoding="utf-8")
-    with LocalHub(work / "watch-hub") as hub:
+    with LocalHub(work / "watch-hub", tokens={DEMO_TOKEN}) as hub:
         os.environ.update(HF_ENDPOINT=hub.url, HF_TOKEN=DEMO_TOKEN)
         _seed(BASE, base_model=None, head=True)
         _seed("alice/Qwen3.5-9B-Coder")

@@ -52,10 +52,11 @@ def demo_ggufs(tmp_path_factory, toolchain, demo_pair):
 
 @pytest.fixture
 def local_hub(tmp_path, monkeypatch):
-    """A fresh local Hub endpoint; HF_ENDPOINT and a test token point the code at it."""
+    """A fresh local Hub endpoint; HF_ENDPOINT and a test token point the code at it. Fault injection is on:
+    reliability tests plan failures on it (`local_hub.faults`)."""
     from mtpress.hub.server import LocalHub
 
-    with LocalHub(tmp_path / "hub") as hub:
+    with LocalHub(tmp_path / "hub", tokens={TEST_TOKEN}, faults=True) as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))

@@ -18,6 +18,7 @@ from mtpress.stages.bench import (
     greedy_mismatches,
     load_prompts,
     parse_sample,
+    per_position_acceptance,
     summarize,
 )
 
@@ -97,6 +98,35 @@ def test_parse_sample_without_timings_cannot_measure(body):
         parse_sample(body, PROMPT, repetition=0)
 
 
+@pytest.mark.parametrize("pooled", [0.0, 0.05, 0.375, 0.5, 0.9, 1.0])
+def test_per_position_acceptance_at_draft_length_1_is_the_pooled_rate(pooled):
+    assert per_position_acceptance(pooled, 1) == pooled
+
+
+@pytest.mark.parametrize(("pooled", "alpha"), [
+    (0.375, 0.5),  # (0.5 + 0.25) / 2
+    (0.5, (5**0.5 - 1) / 2),  # alpha + alpha^2 = 1: the golden ratio's inverse
+    (0.1, ((1 + 8 * 0.1) ** 0.5 - 1) / 2),  # the quadratic's root in general
+])
+def test_per_position_acceptance_at_draft_length_2_solves_the_quadratic(pooled, alpha):
+    assert per_position_acceptance(pooled, 2) == pytest.approx(alpha, abs=1e-12)
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 8])
+def test_per_position_acceptance_inverts_the_pooled_mean_and_keeps_the_edges(k):
+    assert per_position_acceptance(0.0, k) == 0.0 and per_position_acceptance(1.0, k) == 1.0
+    for alpha in (0.01, 0.3, 0.62, 0.97):
+        pooled = sum(alpha**i for i in range(1, k + 1)) / k
+        assert per_position_acceptance(pooled, k) == pytest.approx(alpha, abs=1e-12)
+        assert per_position_acceptance(pooled, k) > pooled  # pooling over later positions only lowers the rate
+
+
+@pytest.mark.parametrize(("pooled", "k"), [(-0.01, 2), (1.01, 2), (0.5, 0)])
+def test_per_position_acceptance_rejects_impossible_inputs(pooled, k):
+    with pytest.raises(ValueError):
+        per_position_acceptance(pooled, k)
+
+
 def test_figures_pool_acceptance_and_compare_medians_with_plain():
     samples = [sample("code", 30.0, drafted=20, accepted=10), sample("code", 10.0, drafted=10, accepted=9),
                sample("code", 20.0, drafted=10, accepted=1)]
@@ -104,13 +134,23 @@ def test_figures_pool_acceptance_and_compare_medians_with_plain():
     assert (figures.drafted, figures.accepted) == (40, 20)
     assert figures.acceptance == 0.5  # 20/40 pooled, not the mean of per-request rates (0.5, 0.9, 0.1)
     assert figures.speedup == 0.5  # median 20 over plain's 40: slower, and reported as such
-    assert figures.acceptance_bound == pytest.approx(1.75)
+    # The bound takes the per-position rate (0.618 at k = 2), not the pooled 0.5 (which would give 1.75).
+    alpha = (5**0.5 - 1) / 2
+    assert figures.acceptance_per_position == pytest.approx(alpha)
+    assert figures.acceptance_bound == pytest.approx(1 + alpha + alpha**2) == pytest.approx(2.0)
     assert figures.generation_per_second.median == 20.0
+
+
+def test_figures_at_draft_length_1_use_the_pooled_rate_as_alpha():
+    figures = figures_for("all", [sample("code", 30.0, drafted=20, accepted=15)], k=1, plain_generation_median=30.0)
+    assert figures.acceptance == figures.acceptance_per_position == 0.75
+    assert figures.acceptance_bound == pytest.approx(1.75)
 
 
 def test_figures_for_plain_decoding_have_no_acceptance_or_speedup():
     figures = figures_for("all", [sample("math", 12.0), sample("math", 14.0)], k=0, plain_generation_median=13.0)
-    assert (figures.acceptance, figures.speedup, figures.acceptance_bound) == (None, None, None)
+    assert (figures.acceptance, figures.acceptance_per_position, figures.speedup, figures.acceptance_bound) == (
+        None, None, None, None)
 
 
 def test_greedy_mismatches_names_prompts_whose_tokens_differ_in_any_repetition():
@@ -201,7 +241,9 @@ def test_bench_on_the_demo_model(demo_ggufs, toolchain, tmp_path):
             overall = config.overall
             assert overall.drafted > 0 and 0 < overall.acceptance <= 1
             assert overall.acceptance == overall.accepted / overall.drafted
-            assert overall.acceptance_bound == pytest.approx(acceptance_bound(overall.acceptance,
+            assert overall.acceptance_per_position == pytest.approx(
+                per_position_acceptance(overall.acceptance, config.draft_n_max))
+            assert overall.acceptance_bound == pytest.approx(acceptance_bound(overall.acceptance_per_position,
                                                                               config.draft_n_max))
             plain = result.configs[0].overall.generation_per_second.median
             assert overall.speedup == pytest.approx(overall.generation_per_second.median / plain)

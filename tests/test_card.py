@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard, ModelCardData
 
-from mtpress.manifest import write_manifest
+from mtpress.manifest import jsonable, write_manifest
+from mtpress.stages.bench import (
+    BenchResult,
+    ConfigResult,
+    Sample,
+    acceptance_bound,
+    figures_for,
+    per_position_acceptance,
+)
 from mtpress.stages.card import (
     CardError,
     check_no_mojibake,
@@ -23,6 +31,9 @@ from mtpress.stages.card import (
     render_card_from_release,
     write_card,
 )
+from mtpress.stages.quality import Estimate, QualityResult, parse_kl_run
+from tests.test_quality import KL_OUTPUT
+from tests.test_quality import gguf as quality_gguf
 
 SAMPLE = Path(__file__).parent / "data" / "manifest-sample.json"
 HOSTILE_NAME = "{{ 7*7 }}<script>alert(1)</script>|x"
@@ -230,19 +241,179 @@ def test_speed_notes_follow_the_measured_figures(manifest):
     assert "slower" not in english and "CPU without a GPU" not in english
 
 
+def bench_details(model: str, layout: str, configs: list[tuple[int, float, int, int]]) -> BenchResult:
+    """A bench result as the stage computes it: per configuration (draft length, generation tok/s, drafted and
+    accepted per request), three requests whose median is that speed; plain decoding first."""
+    plain = configs[0][1]
+    results = []
+    for k, speed, drafted, accepted in configs:
+        samples = tuple(Sample(prompt_id="code-1", domain="code", repetition=r, prompt_tokens=8,
+                               prompt_per_second=150.0 + r, generated_tokens=32,
+                               generation_per_second=speed + 0.01 * (r - 1), drafted=drafted, accepted=accepted)
+                        for r in range(3))
+        results.append(ConfigResult(config=f"mtp-k{k}" if k else "plain", draft_n_max=k,
+                                    overall=figures_for("all", samples, k, plain if k else None), by_domain=(),
+                                    matches_plain=True if k else None, mismatched_prompts=(), samples=samples))
+    return BenchResult(model=model, head=None, quant=model.rsplit("-", 1)[1].removesuffix(".gguf"), layout=layout,
+                       size_label="137M", llama_cpp="11434", hardware={"cpu": "test", "cores": 2},
+                       prompt_set="mtpress/data/bench_prompts.jsonl", prompt_set_sha256="0" * 64, prompts=1,
+                       domains=("code",), n_predict=32, repetitions=3, warmup=1, seed=42, spread="", notes=(),
+                       configs=tuple(results))
+
+
+def measured(manifest: dict) -> dict:
+    """The sample manifest with the bench, quality and head-choice records the publish flow writes.
+
+    The speeds are chosen so that a ratio of the unrounded figures contradicts the rounded ones (12.56 / 10.04
+    is 1.251, but the card shows 12.6 and 10.0), and the quant's perplexity is llama-perplexity's literal output,
+    whose own PPL(Q)/PPL(base) (23.77) contradicts the two perplexities (7.29e+07 against BF16's 8.48e+07)."""
+    manifest = copy.deepcopy(manifest)
+    q4, bf16 = "Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf", "Tiny-Qwen3.5-Demo-FT-MTP-BF16.gguf"
+    manifest["bench_details"] = jsonable([
+        bench_details(q4, "sidecar", [(0, 10.04, 0, 0), (1, 12.56, 20, 15), (2, 9.96, 20, 10), (3, 14.449, 30, 8)]),
+        bench_details(bf16, "embedded", [(0, 3.35, 0, 0), (2, 3.65, 40, 26)])])
+    manifest["quality_details"] = jsonable(QualityResult(
+        base_model=bf16, base_ppl=Estimate(84800851.3208, 18535953.57564), calibration="mtpress/data/calibration.txt",
+        calibration_sha256="0" * 64, ctx_size=128, chunks=8, tokens_scored=8 * 63, base_logits_bytes=1,
+        llama_cpp="11434", quants=(parse_kl_run(KL_OUTPUT, quality_gguf(q4, "Q4_K_M")),), notes=()))
+    copied = {"drafted": 100, "accepted": 80, "acceptance": 0.75, "per_repetition": [0.8, 0.8, 0.8]}
+    manifest["head_choice"] = {
+        "source": "best", "published": "copied", "beyond_spread": False, "copied": copied,
+        "realigned": {"drafted": 90, "accepted": 61, "acceptance": 0.7, "per_repetition": [0.7, 0.6, 0.7]},
+        "data": {"tokens": 4208, "sequences": 48, "generated_tokens": 3072, "prompt_set": "mtpress/prompts.jsonl"},
+        "training": {"steps": 200, "seed": 0, "wall_seconds": 31.5, "acceptance_before": 0.76,
+                     "acceptance_after": 0.94, "hardware": {"device": "cpu"}}, "remote": None}
+    return manifest
+
+
+HEADERS = {  # (column of the ratio, its parts...) per table, as each language names them
+    "README.md": {"smoke": ("with / without", "tokens/s with MTP", "tokens/s without MTP", "Acceptance", "Accepted",
+                            "Drafted"),
+                  "bench": ("Speedup (generation ÷ plain's)", "Generation tok/s, median (IQR)",
+                            "Pooled acceptance (accepted ÷ drafted)", "Accepted", "Drafted",
+                            "Per-position α (estimated)", "Bound: tokens per step", "Config", "File"),
+                  "quality": ("PPL ÷ BF16's PPL", "Perplexity (PPL)", "Quant"),
+                  "head": ("acceptance α", "accepted", "drafted"),
+                  "share": ("… of which the MTP head", "Parameters")},
+    "README_zh.md": {"smoke": ("开启 / 不开", "开启 MTP（token/s）", "不开 MTP（token/s）", "接受率", "被接受数",
+                               "草稿 token 数"),
+                     "bench": ("加速比（生成速度 ÷ 普通解码）", "生成速度 token/s，中位数（四分位距）",
+                               "汇总接受率（被接受数 ÷ 草稿 token 数）", "被接受数", "草稿 token 数",
+                               "单位置接受率 α（估计）", "上限：每步 token 数", "配置", "文件"),
+                     "quality": ("PPL ÷ BF16 的 PPL", "困惑度（PPL）", "量化"),
+                     "head": ("接受率 α", "被接受数", "草稿 token 数"),
+                     "share": ("其中 MTP 头", "参数量")},
+}
+
+
+def table_with(text: str, column: str) -> list[dict[str, str]]:
+    """The rows of the one table that has ``column``, as header → cell (code spans unwrapped)."""
+    def cells(line: str) -> list[str]:
+        return [c.strip().strip("`") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+
+    lines = split_fences(text)[0].splitlines()
+    [start] = [i for i, line in enumerate(lines) if line.startswith("|") and column in cells(line)]
+    headers, rows = cells(lines[start]), []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(headers, cells(line), strict=True)))
+    return rows
+
+
+def number(cell: str) -> float:
+    """A figure as the card shows it: "1,234.5", "61.8%", "1.26×", "8.48009e+07 ± 1.854e+07"."""
+    return float(re.split(r" ± | \(|（", cell)[0].replace(",", "").rstrip("%×"))
+
+
+def assert_every_ratio_agrees_with_its_parts(text: str, name: str) -> int:
+    """Recompute every ratio on the card from the figures shown beside it, as a reader would; returns how many."""
+    h, checked = HEADERS[name], 0
+    ratio, mtp, plain, acceptance, accepted, drafted = h["smoke"]
+    for row in table_with(text, ratio):
+        assert row[ratio] == f"{number(row[mtp]) / number(row[plain]):.2f}×", row
+        assert row[acceptance] == f"{100 * number(row[accepted]) / number(row[drafted]):.1f}%", row
+        checked += 2
+    speedup, speed, pooled, accepted, drafted, alpha, bound, config, file = h["bench"]
+    rows = table_with(text, speedup)
+    plain_speed = {row[file]: number(row[speed]) for row in rows if row[config] == "plain"}
+    for row in (row for row in rows if row[config] != "plain"):
+        k, rate = int(row[config].removeprefix("mtp-k")), number(row[accepted]) / number(row[drafted])
+        assert row[speedup] == f"{number(row[speed]) / plain_speed[row[file]]:.2f}×", row
+        assert row[pooled] == f"{100 * rate:.1f}%", row
+        assert row[alpha] == f"{100 * per_position_acceptance(rate, k):.1f}%", row
+        assert row[bound] == f"{acceptance_bound(per_position_acceptance(rate, k), k):.2f}×", row
+        checked += 4
+    ratio, ppl, quant = h["quality"]
+    rows = table_with(text, ratio)
+    [bf16] = [number(row[ppl]) for row in rows if row[quant] == "BF16"]
+    for row in rows:
+        assert row[ratio] == f"{number(row[ppl]) / bf16:.4f}", row
+        checked += 1
+    acceptance, accepted, drafted = h["head"]
+    for row in table_with(text, acceptance):
+        assert row[acceptance] == f"{100 * number(row[accepted]) / number(row[drafted]):.1f}%", row
+        checked += 1
+    head, total = h["share"]
+    shown = {line.split(" | ")[0].strip("| "): line.split(" | ")[1] for line in text.splitlines()
+             if line.startswith(f"| {head} |") or line.startswith(f"| {total} |")}
+    share = re.search(r"[(（](.*)[)）]", shown[head]).group(1)
+    assert share == f"{100 * number(shown[head]) / number(shown[total]):.2f}%"
+    return checked + 1
+
+
+def test_every_ratio_on_the_card_is_computed_from_the_figures_beside_it(manifest):
+    card = render_card(measured(manifest))
+    for name, text in card.files.items():
+        # 2 smoke rows x 2, 4 draft-mtp bench rows x 4, 2 quality rows, 2 heads, the head's share
+        assert assert_every_ratio_agrees_with_its_parts(text, name) == 4 + 16 + 2 + 2 + 1, name
+        assert "23.77" not in text, "llama-perplexity's own ratio contradicts the perplexities beside it"
+    english = card.files["README.md"]
+    speedups = [row["Speedup (generation ÷ plain's)"] for row in table_with(english, "Speedup (generation ÷ plain's)")]
+    # 12.6 / 10.0 and 3.6 / 3.4 as shown, not 12.56 / 10.04 = 1.25 and 3.65 / 3.35 = 1.09
+    assert speedups == ["—", "1.26×", "1.00×", "1.44×", "—", "1.06×"]
+    assert "| 61.8% | 2.00× |" in english  # pooled 50% at k = 2 is alpha = 0.618, whose bound is 2.00
+
+
+def test_a_ratio_that_contradicts_its_parts_is_caught(manifest):
+    """The check above fails on the card's old arithmetic: a speedup from unrounded medians."""
+    text = render_card(measured(manifest)).files["README.md"].replace("| 1.26× |", "| 1.25× |")
+    with pytest.raises(AssertionError, match="1.25×"):
+        assert_every_ratio_agrees_with_its_parts(text, "README.md")
+
+
+def test_bench_names_pooled_and_per_position_acceptance_in_both_languages(manifest):
+    card = render_card(measured(manifest))
+    english, chinese = card.files["README.md"], card.files["README_zh.md"]
+    assert "**Pooled acceptance** is what llama.cpp counts" in english
+    assert "(α + α² + … + αᵏ) ÷ k" in english and "**Per-position α (estimated)**" in english
+    assert "**汇总接受率**" in chinese and "**单位置接受率 α（估计）**" in chinese
+    assert "(α + α² + … + αᵏ) ÷ k" in chinese
+    # A manifest from before the estimate holds a bound computed from the pooled rate: not shown.
+    old = measured(manifest)
+    for result in old["bench_details"]:
+        for config in result["configs"]:
+            del config["overall"]["acceptance_per_position"]
+    row = table_with(render_card(old).files["README.md"], "Bound: tokens per step")[2]
+    assert row["Per-position α (estimated)"] == row["Bound: tokens per step"] == "not measured"
+    assert row["Pooled acceptance (accepted ÷ drafted)"] == "50.0%"
+
+
 def test_measurements_of_later_stages_are_shown_with_the_hardware(manifest):
-    manifest["bench"] = [{"file": "sidecar/Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf", "tokens_per_second_plain": 12.5,
-                          "tokens_per_second_mtp": 15.25, "draft_n_max": 3}]
+    manifest = measured(manifest)
     manifest["gate"] = {"greedy_identical": True, "min_acceptance": 0.5}
     card = render_card(manifest)
     english = card.files["README.md"]
-    assert "| `file` | `tokens_per_second_plain` | `tokens_per_second_mtp` | `draft_n_max` |" in english
-    assert "| sidecar/Tiny-Qwen3.5-Demo-FT-MTP-Q4\\_K\\_M.gguf | 12.5 | 15.25 | 3 |" in english
+    assert ("| `sidecar/Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf` | `mtp-k1` | 12.6 (0.0) | 151.0 | 60 | 45 | 75.0% |"
+            in english)
+    assert "| `embedded/Tiny-Qwen3.5-Demo-FT-MTP-BF16.gguf` | `BF16` | 8.48009e+07 ± 1.8536e+07 | 1.0000 |" in english
     assert "| `greedy_identical` | ✅ yes |" in english and "| `min_acceptance` | 0.5 |" in english
     assert "Measured on AMD EPYC 7B13 (2 cores), no GPU, Linux 6.1.0, with llama.cpp build 11434." in english
-    assert "**Quality against the unquantized model:** not measured." in english
+    assert "8 chunks of 128 tokens, each scored on its second half (504 tokens in all)" in english
     assert "| 检查项 | 结果 |" in card.files["README_zh.md"]
     assert "| `greedy_identical` | ✅ 是 |" in card.files["README_zh.md"]
+    assert "**Quality against the unquantized model:** not measured." in render_card(
+        {k: v for k, v in manifest.items() if k != "quality_details"}).files["README.md"]
 
 
 def test_the_card_links_the_apple_silicon_pack_in_both_languages(manifest):

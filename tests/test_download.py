@@ -1,8 +1,10 @@
 """download: pinned revisions, remote head detection from headers only, refusals before any weight moves."""
 
+import json
+
 import pytest
 
-from mtpress.errors import ModelError
+from mtpress.errors import HubRequestError, ModelError
 from mtpress.hub.client import hub_api
 from mtpress.schema import Source
 from mtpress.stages.download import fetch, probe
@@ -62,3 +64,53 @@ def test_local_directory_sources_are_used_in_place(tmp_path):
     assert fetch(Source(path=model.path), tmp_path / "cache").path == model.path
     with pytest.raises(ModelError, match="not a directory"):
         fetch(Source(path=tmp_path / "missing"), tmp_path / "cache")
+
+
+def weight_files(folder):
+    return [p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".pth")]
+
+
+def test_a_checkpoint_asking_for_remote_code_is_refused_before_any_weight_is_downloaded(local_hub, tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "custom", with_head=False, seed=4).path
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoModel": "modeling_x.Model"}}))
+    upload(checkpoint, "org/custom-code")
+    with pytest.raises(ModelError, match="asks for remote code") as err:
+        fetch(Source(repo="org/custom-code"), tmp_path / "cache")
+    assert not err.value.retryable
+    assert [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file() and "snapshots" in p.parts] == [
+        "config.json"]
+    assert not weight_files(tmp_path / "cache") and not weight_files(tmp_path / "hf_home")
+
+
+def test_a_repo_without_config_is_refused_before_any_weight_is_downloaded(local_hub, tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "bare", with_head=False, seed=5).path
+    (checkpoint / "config.json").unlink()
+    upload(checkpoint, "org/bare")
+    with pytest.raises(ModelError, match="no config.json in the repo"):
+        fetch(Source(repo="org/bare"), tmp_path / "cache")
+    assert not weight_files(tmp_path / "cache")
+
+
+def test_a_wrong_repo_or_revision_is_a_model_error_that_is_not_retried(remote_pair, tmp_path):
+    with pytest.raises(ModelError, match="no such model repo") as missing:
+        fetch(Source(repo="org/no-such-model"), tmp_path / "cache")
+    with pytest.raises(ModelError, match="has no revision 'v9'") as revision:
+        fetch(Source(repo="org/ft", revision="v9"), tmp_path / "cache")
+    assert not missing.value.retryable and not revision.value.retryable
+
+
+@pytest.mark.parametrize(("fault", "retryable"), [
+    ({"status": 503}, True),
+    ({"status": 429, "retry_after": 3}, True),
+    ({"status": 429}, False),  # rate-limited without being told when to come back
+    ({"status": 403}, False),
+    ({"action": "drop"}, True),
+])
+def test_hub_failures_while_fetching_keep_their_cause_and_say_whether_to_retry(remote_pair, local_hub, tmp_path,
+                                                                                fault, retryable):
+    local_hub.faults.add("GET", r"^/api/models/org/ft", **fault)
+    with pytest.raises(HubRequestError, match=r"reading org/ft@main from http://127\.0\.0\.1:\d+ failed") as err:
+        fetch(Source(repo="org/ft"), tmp_path / "cache")
+    assert err.value.retryable is retryable
+    assert fetch(Source(repo="org/ft"), tmp_path / "cache").revision == remote_pair  # the fault was used up

@@ -190,3 +190,22 @@ def test_the_staging_repo_is_private_beside_the_target_and_never_the_target_itse
                                       "target": {"repo": "me/X-GGUF", "staging_repo": "me/X-GGUF"}}))
     with pytest.raises(ConfigError, match="target: staging_repo must differ from repo"):
         load_release_config(config)
+
+
+def test_a_token_llama_cpp_ignores_is_named_as_the_cause(sidecar, toolchain, tmp_path):
+    """An OAuth token (`hf_oauth_…`, what a Space's "Sign in with HF" hands out) has an underscore llama.cpp does
+    not accept: huggingface_hub reads the private repo, llama.cpp silently goes anonymous and gets a 404. The
+    gate's error names that, not llama.cpp's last line ("exiting due to …")."""
+    from mtpress.hub.server import LocalHub
+
+    short = "hf_oauth_" + "0123456789abcdef" * 3
+    trunk, head, tokens = sidecar
+    files = {"T-BF16.gguf": trunk, "mtp-T-BF16.gguf": head}
+    manifest = manifest_for(files, tokens)
+    with LocalHub(tmp_path / "hub", tokens={short}) as local:
+        api = HfApi(endpoint=local.url, token=short)
+        commit = upload(api, "mtpress-demo/Short-Token-GGUF", files, manifest)
+        with pytest.raises(GateError, match="invalid token, authentication disabled") as raised:
+            gate(api, "mtpress-demo/Short-Token-GGUF", commit, pairings_from_manifest(manifest),
+                 {p: f.sha256 for p, f in files.items()}, toolchain, SMOKE, GATE, tmp_path / "work")
+    assert "is_valid_hf_token" in str(raised.value) and "exiting due to" not in str(raised.value)

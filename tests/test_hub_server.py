@@ -1,4 +1,4 @@
-"""The local Hub endpoint, driven through the real, unmodified huggingface_hub client."""
+"""The local Hub endpoint, driven through the real, unmodified huggingface_hub client (and `mtpress hub serve`)."""
 
 import os
 
@@ -12,6 +12,9 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import re  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -39,7 +42,7 @@ from huggingface_hub.errors import (  # noqa: E402
 from huggingface_hub.hf_api import RepoFile, RepoFolder  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from mtpress.hub.server import LocalHub  # noqa: E402
+from mtpress.hub.server import LocalHub, new_token  # noqa: E402
 
 TOKEN = "hf_" + "mtpressLocalHubTestToken0123456789"  # the shape llama.cpp agrees to send
 REPO = "mtpress-demo/tiny-mtp"
@@ -68,7 +71,8 @@ def isolated_client(tmp_path, monkeypatch):
 
 @pytest.fixture
 def hub(tmp_path):
-    with LocalHub(tmp_path / "hub") as hub:
+    # Fault injection on: the reliability tests at the end plan failures on this hub.
+    with LocalHub(tmp_path / "hub", tokens={TOKEN}, faults=True) as hub:
         yield hub
 
 
@@ -203,7 +207,7 @@ def test_delete_repo(api, release):
 
 def test_state_survives_a_restart(hub, api, release, tmp_path):
     hub.stop()
-    with LocalHub(hub.store.root) as restarted:
+    with LocalHub(hub.store.root, tokens={TOKEN}) as restarted:
         again = HfApi(endpoint=restarted.url, token=TOKEN)
         assert again.model_info(REPO).sha == release.oid
         assert len(again.list_repo_commits(REPO)) == 2
@@ -428,6 +432,7 @@ def test_lfs_upload_links_are_signed_and_content_is_verified(hub, release):
     again = requests.post(
         f"{hub.url}/{REPO}.git/info/lfs/objects/batch",
         json={"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]},
+        headers={"Authorization": f"Bearer {TOKEN}"},
     ).json()
     assert "actions" not in again["objects"][0]  # already stored: nothing to send
 
@@ -442,34 +447,64 @@ def test_invalid_card_yaml_is_rejected_before_upload(api, release):
 
 # -- auth ----------------------------------------------------------------------------------------------
 
+STRANGER = "hf_" + "x" * 34  # well shaped, but not this hub's
+ANONYMOUS = {}
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
 
 @pytest.fixture
-def secured_hub(tmp_path):
-    with LocalHub(tmp_path / "secured", tokens={TOKEN}, user="alice") as hub:
+def alice_hub(tmp_path):
+    with LocalHub(tmp_path / "alice", tokens={TOKEN}, user="alice") as hub:
         yield hub
 
 
-def test_whoami(secured_hub):
-    assert HfApi(endpoint=secured_hub.url, token=TOKEN).whoami()["name"] == "alice"
-    with pytest.raises(HfHubHTTPError):
-        HfApi(endpoint=secured_hub.url, token="hf_" + "x" * 34).whoami()
-
-
-def test_private_repos_are_invisible_and_writes_need_a_valid_token(secured_hub, tmp_path):
-    owner = HfApi(endpoint=secured_hub.url, token=TOKEN)
-    anonymous = HfApi(endpoint=secured_hub.url, token=False)
-    stranger = HfApi(endpoint=secured_hub.url, token="hf_" + "x" * 34)
+@pytest.fixture
+def alice_repos(alice_hub):
+    """alice/secret (private, with a.txt) and alice/open (public), created by the token's owner."""
+    owner = HfApi(endpoint=alice_hub.url, token=TOKEN)
     owner.create_repo("alice/secret", private=True)
     owner.create_repo("alice/open")
     owner.upload_file(path_or_fileobj=b"hidden\n", path_in_repo="a.txt", repo_id="alice/secret")
+    return owner
+
+
+@pytest.mark.parametrize("tokens", [set(), {"secret"}, {"hf_" + "short"}, {TOKEN, "a space 0123456789 abcdef"}, TOKEN])
+def test_a_hub_always_has_write_tokens_that_cannot_be_guessed(tmp_path, tokens):
+    # There is no open mode; a short token, one that cannot be a bearer token, or a str mistaken for a set is refused.
+    with pytest.raises(ValueError, match="needs at least one write token") as err:
+        LocalHub(tmp_path / "hub", tokens=tokens)
+    assert not re.search("secret|short|0123456789|" + TOKEN, str(err.value))  # a token is a secret, even a bad one
+    assert not (tmp_path / "hub").exists()
+    generated = new_token()
+    assert re.fullmatch(r"hf_[A-Za-z0-9]{34,253}", generated) and generated != new_token()  # llama.cpp sends it
+    LocalHub(tmp_path / "ok", tokens={generated, "hf_oauth_" + "0123456789abcdef" * 3})  # the Hub takes OAuth ones
+
+
+def test_whoami(alice_hub):
+    assert HfApi(endpoint=alice_hub.url, token=TOKEN).whoami()["name"] == "alice"
+    with pytest.raises(HfHubHTTPError):
+        HfApi(endpoint=alice_hub.url, token=STRANGER).whoami()
+    assert requests.get(f"{alice_hub.url}/api/whoami-v2").status_code == 401
+
+
+def test_private_repos_are_invisible_and_writes_need_a_valid_token(alice_hub, alice_repos, tmp_path):
+    owner = alice_repos
+    anonymous = HfApi(endpoint=alice_hub.url, token=False)
+    stranger = HfApi(endpoint=alice_hub.url, token=STRANGER)
 
     assert owner.model_info("alice/secret").private is True
     for caller in (anonymous, stranger):
         with pytest.raises(RepositoryNotFoundError):
             caller.model_info("alice/secret")
+        with pytest.raises(RepositoryNotFoundError):
+            list(caller.list_repo_tree("alice/secret"))
         assert {m.id for m in caller.list_models(author="alice")} == {"alice/open"}
+        assert caller.model_info("alice/open").private is False  # public reads stay open
     with pytest.raises(RepositoryNotFoundError):
-        hf_hub_download("alice/secret", "a.txt", endpoint=secured_hub.url, token=False, cache_dir=tmp_path / "c")
+        hf_hub_download("alice/secret", "a.txt", endpoint=alice_hub.url, token=False, cache_dir=tmp_path / "c")
 
     for caller in (anonymous, stranger):
         with pytest.raises(HfHubHTTPError) as err:
@@ -478,12 +513,87 @@ def test_private_repos_are_invisible_and_writes_need_a_valid_token(secured_hub, 
         with pytest.raises(HfHubHTTPError) as err:
             caller.upload_file(path_or_fileobj=b"x\n", path_in_repo="x.txt", repo_id="alice/open")
         assert err.value.response.status_code == 401
+        with pytest.raises(HfHubHTTPError) as err:
+            caller.delete_repo("alice/open")
+        assert err.value.response.status_code == 401
     assert [c.title for c in owner.list_repo_commits("alice/open")] == ["initial commit"]
+    assert {m.id for m in owner.list_models(author="alice")} == {"alice/open", "alice/secret"}
 
 
-def test_logs_never_show_the_token_or_upload_signatures(secured_hub, weights, caplog):
+def write_requests():
+    """(method, path, keyword arguments of requests.request) of every write route, aimed at alice/open."""
+    oid, data = hashlib.sha256(b"intruder").hexdigest(), b"intruder"
+    commit = b"".join(json.dumps(line).encode() + b"\n" for line in [
+        {"key": "header", "value": {"summary": "intrusion"}},
+        {"key": "file", "value": {"path": "x.txt", "content": base64.b64encode(data).decode(), "encoding": "base64"}},
+    ])  # fmt: skip
+    return {
+        "create repo": ("POST", "/api/repos/create", {"json": {"name": "intruder", "organization": "alice"}}),
+        "delete repo": ("DELETE", "/api/repos/delete", {"json": {"name": "open", "organization": "alice"}}),
+        "preupload": ("POST", "/api/models/alice/open/preupload/main",
+                      {"json": {"files": [{"path": "x.txt", "size": 8, "sample": base64.b64encode(data).decode()}]}}),
+        "commit": ("POST", "/api/models/alice/open/commit/main",
+                   {"data": commit, "headers": {"Content-Type": "application/x-ndjson"}}),
+        "LFS batch": ("POST", "/alice/open.git/info/lfs/objects/batch",
+                      {"json": {"operation": "upload", "objects": [{"oid": oid, "size": 8}]}}),
+        "LFS verify": ("POST", "/alice/open.git/info/lfs/objects/verify", {"json": {"oid": oid, "size": 8}}),
+        "tag": ("POST", "/api/models/alice/open/tag/main", {"json": {"tag": "v1"}}),
+    }
+
+
+@pytest.mark.parametrize("credentials", [ANONYMOUS, bearer(STRANGER), {"Authorization": TOKEN}],
+                         ids=["no token", "wrong token", "not a bearer header"])
+@pytest.mark.parametrize("route", list(write_requests()))
+def test_every_write_without_a_valid_token_is_401(alice_hub, alice_repos, route, credentials):
+    method, path, kwargs = write_requests()[route]
+    before = alice_repos.list_repo_refs("alice/open")
+    headers = {**kwargs.pop("headers", {}), **credentials}
+    answer = requests.request(method, alice_hub.url + path, headers=headers, **kwargs)
+    # The real Hub's answer; huggingface_hub raises it as an HTTP error, not as RepositoryNotFoundError.
+    assert answer.status_code == 401 and answer.json()["error"] == "Invalid credentials in Authorization header"
+    assert alice_repos.list_repo_refs("alice/open") == before
+    assert {m.id for m in alice_repos.list_models(author="alice")} == {"alice/open", "alice/secret"}
+    assert alice_hub.store.blob_size(hashlib.sha256(b"intruder").hexdigest()) is None
+
+
+def test_the_same_writes_with_the_token_go_through(alice_hub, alice_repos):
+    """The counterpart of the 401s above: each request is a valid write once it carries the token (in this order
+    the LFS verify finds the object, which the commit before it stored)."""
+    for route, (method, path, kwargs) in write_requests().items():
+        headers = {**kwargs.pop("headers", {}), **bearer(TOKEN)}
+        answer = requests.request(method, alice_hub.url + path, headers=headers, **kwargs)
+        assert answer.status_code == 200, (route, answer.text)
+        if route == "delete repo":
+            alice_repos.create_repo("alice/open")
+
+
+PRIVATE_READS = [
+    ("GET", "/api/models/alice/secret", {}),
+    ("GET", "/api/models/alice/secret/revision/main", {}),
+    ("GET", "/api/models/alice/secret/tree/main?recursive=true", {}),
+    ("POST", "/api/models/alice/secret/paths-info/main", {"data": {"paths": "a.txt"}}),
+    ("GET", "/api/models/alice/secret/refs", {}),
+    ("GET", "/api/models/alice/secret/commits/main", {}),
+    ("GET", "/alice/secret/resolve/main/a.txt", {}),
+    ("HEAD", "/alice/secret/resolve/main/a.txt", {}),
+]
+
+
+@pytest.mark.parametrize("method,path,kwargs", PRIVATE_READS, ids=[f"{m} {p}" for m, p, _ in PRIVATE_READS])
+def test_a_private_repo_is_404_repo_not_found_without_the_token(alice_hub, alice_repos, method, path, kwargs):
+    for credentials in (ANONYMOUS, bearer(STRANGER)):
+        answer = requests.request(method, alice_hub.url + path, headers=credentials, **kwargs)
+        # What the Hub answers for a repo the caller may not see: as if it did not exist.
+        assert answer.status_code == 404 and answer.headers["X-Error-Code"] == "RepoNotFound"
+        assert b"hidden" not in answer.content
+    assert requests.request(method, alice_hub.url + path, headers=bearer(TOKEN), **kwargs).status_code == 200
+    public = path.replace("alice/secret", "alice/open").replace("a.txt", ".gitattributes")
+    assert requests.request(method, alice_hub.url + public, **kwargs).status_code == 200
+
+
+def test_logs_never_show_the_token_or_upload_signatures(alice_hub, weights, caplog):
     caplog.set_level(logging.DEBUG, logger="mtpress.hub")
-    api = HfApi(endpoint=secured_hub.url, token=TOKEN)
+    api = HfApi(endpoint=alice_hub.url, token=TOKEN)
     api.create_repo("alice/logged")
     api.create_commit(
         "alice/logged", operations=[CommitOperationAdd("model.safetensors", str(weights))], commit_message="w"
@@ -491,6 +601,80 @@ def test_logs_never_show_the_token_or_upload_signatures(secured_hub, weights, ca
     api.whoami()
     assert "PUT /_mtpress/lfs/" in caplog.text and "sig=<redacted>" in caplog.text
     assert TOKEN not in caplog.text and TOKEN[3:] not in caplog.text
+
+
+# -- mtpress hub serve ---------------------------------------------------------------------------------
+
+
+def hub_serve_command(root, *args):
+    return [str(Path(sys.executable).with_name("mtpress")), "hub", "serve", "--root", str(root), "--port", "0", *args]
+
+
+class ServedHub:
+    """`mtpress hub serve` in a subprocess on a free port; `lines` are the first lines it printed."""
+
+    def __init__(self, root, *args):
+        self.proc = subprocess.Popen(hub_serve_command(root, *args), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines = [self.proc.stdout.readline() for _ in range(2)]
+        self.url = re.search(r"HF_ENDPOINT=(\S+)", self.lines[1]).group(1)
+
+    def stop(self) -> str:
+        """Ctrl+C, then everything it printed (stdout and stderr)."""
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=30)
+        # Read through the same file object: readline() above may have buffered more than two lines already.
+        return "".join(self.lines) + self.proc.stdout.read()
+
+
+def test_hub_serve_prints_a_new_token_once_and_only_it_works(tmp_path):
+    served = ServedHub(tmp_path / "hub")
+    try:
+        token = re.search(r"HF_TOKEN=(\S+)", served.lines[1]).group(1)
+        assert re.fullmatch(r"hf_[A-Za-z0-9]{34,253}", token) and token != TOKEN
+        owner = HfApi(endpoint=served.url, token=token)
+        assert owner.whoami()["name"] == "mtpress-demo"
+        owner.create_repo("mtpress-demo/private", private=True)
+        with pytest.raises(RepositoryNotFoundError):
+            HfApi(endpoint=served.url, token=False).model_info("mtpress-demo/private")
+        with pytest.raises(HfHubHTTPError) as err:
+            HfApi(endpoint=served.url, token=STRANGER).create_repo("mtpress-demo/intruder")
+        assert err.value.response.status_code == 401
+        assert requests.get(f"{served.url}/_mtpress/faults", headers=bearer(token)).status_code == 404
+    finally:
+        out = served.stop()
+    assert served.proc.returncode == 0, out
+    assert out.count(token) == 1  # shown once, in the export line
+    assert not any(token.encode() in p.read_bytes() for p in (tmp_path / "hub").rglob("*") if p.is_file())
+
+
+def test_hub_serve_takes_the_token_from_a_file(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    served = ServedHub(tmp_path / "hub", "--token-file", str(token_file), "--allow-faults")
+    try:
+        assert f'HF_TOKEN="$(cat {token_file})"' in served.lines[1] and "fault injection on" in served.lines[0]
+        HfApi(endpoint=served.url, token=TOKEN).create_repo("mtpress-demo/from-file")
+        with pytest.raises(HfHubHTTPError) as err:
+            HfApi(endpoint=served.url, token=STRANGER).create_repo("mtpress-demo/intruder")
+        assert err.value.response.status_code == 401
+        assert requests.get(f"{served.url}/_mtpress/faults", headers=bearer(TOKEN)).json() == {"faults": []}
+    finally:
+        out = served.stop()
+    assert served.proc.returncode == 0, out
+    assert TOKEN not in out
+
+
+@pytest.mark.parametrize("content", ["", "not-a-token\n", "hf_tooShort\n", "two tokens-0123456789abcdef\n"])
+def test_hub_serve_refuses_a_token_file_without_a_hub_token(tmp_path, content):
+    token_file = tmp_path / "token"
+    token_file.write_text(content)
+    # A subprocess with a timeout: were the token accepted, the command would serve forever.
+    result = subprocess.run(hub_serve_command(tmp_path / "hub", "--token-file", str(token_file)), capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 2 and "--token-file" in result.stderr and "at least 20 printable" in result.stderr
+    assert not re.search("not-a-token|tooShort|two tokens", result.stderr)
+    assert not (tmp_path / "hub").exists()  # refused before anything was served or created
 
 
 # -- fault injection -----------------------------------------------------------------------------------
@@ -536,12 +720,36 @@ def test_failed_commit_leaves_the_head_unchanged(hub, api, release, action):
 
 def test_faults_can_be_planned_over_http(hub, api, release):
     plan = {"faults": [{"method": "GET", "path": "^/api/models/", "status": 500, "times": 1}]}
-    assert requests.post(f"{hub.url}/_mtpress/faults", json=plan).json()["faults"][0]["status"] == 500
+    control, auth = f"{hub.url}/_mtpress/faults", bearer(TOKEN)
+    assert requests.post(control, json=plan, headers=auth).json()["faults"][0]["status"] == 500
     failed = requests.get(f"{hub.url}/api/models/{REPO}")
     assert failed.status_code == 500 and "Injected" in failed.json()["error"]
     assert requests.get(f"{hub.url}/api/models/{REPO}").status_code == 200
 
-    requests.post(f"{hub.url}/_mtpress/faults", json=plan)
-    assert requests.delete(f"{hub.url}/_mtpress/faults").json() == {"faults": []}
-    bad = requests.post(f"{hub.url}/_mtpress/faults", json={"faults": [{"action": "explode"}]})
+    requests.post(control, json=plan, headers=auth)
+    assert requests.get(control, headers=auth).json()["faults"][0]["path"] == "^/api/models/"
+    assert requests.delete(control, headers=auth).json() == {"faults": []}
+    bad = requests.post(control, json={"faults": [{"action": "explode"}]}, headers=auth)
     assert bad.status_code == 400
+
+
+@pytest.mark.parametrize("credentials", [ANONYMOUS, bearer(STRANGER)], ids=["no token", "wrong token"])
+def test_the_fault_control_needs_the_write_token(hub, release, credentials):
+    control = f"{hub.url}/_mtpress/faults"
+    plan = {"faults": [{"method": "GET", "path": "^/api/models/", "status": 500}]}
+    for method, kwargs in (("POST", {"json": plan}), ("GET", {}), ("DELETE", {})):
+        answer = requests.request(method, control, headers=credentials, **kwargs)
+        assert answer.status_code == 401, method
+    assert hub.faults.pending() == []
+    assert requests.get(f"{hub.url}/api/models/{REPO}").status_code == 200
+
+
+def test_fault_injection_is_off_unless_asked_for(alice_hub, alice_repos):
+    control = f"{alice_hub.url}/_mtpress/faults"
+    plan = {"faults": [{"method": "GET", "path": "^/api/models/", "status": 500}]}
+    for method, kwargs in (("POST", {"json": plan}), ("GET", {}), ("DELETE", {})):
+        answer = requests.request(method, control, headers=bearer(TOKEN), **kwargs)
+        assert answer.status_code == 404 and "No route" in answer.json()["error"], method
+    with pytest.raises(RuntimeError, match="Fault injection is off.*--allow-faults"):
+        alice_hub.faults.add("GET", "^/api/models/", status=500)
+    assert requests.get(f"{alice_hub.url}/api/models/alice/open").status_code == 200

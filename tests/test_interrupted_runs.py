@@ -1,25 +1,28 @@
-"""A release killed mid-convert, mid-quantize or mid-upload loses nothing: the rerun finishes with the
-same bytes as an uninterrupted run and the target repo gets exactly one release commit.
+"""A release killed mid-convert, mid-quantize, mid-upload or mid-gate loses nothing and leaves nothing: no
+process it started runs on, the rerun finishes with the same bytes as an uninterrupted run, removes every
+leftover, and the target repo gets exactly one release commit.
 
 The flow runs as a real `mtpress publish` process, as a user runs it (no Prefect server: each run starts
-its own on a shared SQLite database), against the local Hub; the test kills its whole process tree with
-SIGKILL, like a lost machine or an OOM kill, at the moment the converter, llama-quantize (holding the
-machine's quantize slot) or an LFS upload is in flight.
+its own on a shared SQLite database), against the local Hub; the test kills that one process with SIGKILL,
+like an OOM kill (no `finally` runs), at the moment the converter, llama-quantize (holding the machine's
+quantize slot), an LFS upload or the release gate's llama-server is in flight. Whatever it started
+(tools, llama-servers, Prefect's server) must end by itself within seconds.
 """
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
 
 from mtpress.demo.run import seed_upstream_repos
 from mtpress.fsutil import sha256_file
 from mtpress.hub.client import hub_api
+from tests.conftest import TEST_TOKEN
 
 pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -38,18 +41,6 @@ quality: {{enabled: false}}
 """
 
 
-def _descendants(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    found = []
-    try:
-        direct = [int(c) for c in children.read_text().split()]
-    except OSError:
-        return found
-    for child in direct:
-        found += [child, *_descendants(child)]
-    return found
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -57,14 +48,27 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()  # empty for a zombie: it has ended
+    except OSError:
+        return {}
+    return dict(entry.split("=", 1) for entry in raw.decode(errors="replace").split("\0") if "=" in entry)
+
+
 class PublishProcess:
-    """`mtpress publish` in its own session, with its output kept for the assertion messages."""
+    """`mtpress publish` in its own session, with its output kept for the assertion messages.
+
+    Every process it starts inherits a variable naming this run, so they are found after the flow process
+    is gone, when they no longer descend from it."""
 
     def __init__(self, config: Path, output: Path, env: dict, log: Path, *push: str):
         self.log = log
+        self.run_id = uuid4().hex
         with log.open("w") as out:
             self.proc = subprocess.Popen([str(Path(sys.executable).with_name("mtpress")), "publish", str(config),
-                                          "--output", str(output), *push], cwd=REPO_ROOT, env=env, stdout=out,
+                                          "--output", str(output), *push], cwd=REPO_ROOT,
+                                         env={**env, "MTPRESS_TEST_RUN": self.run_id}, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_for(self, condition, what: str, timeout: float = 600) -> None:
@@ -76,21 +80,38 @@ class PublishProcess:
             time.sleep(0.05)
         raise AssertionError(f"no {what} within {timeout} s:\n{self.output}")
 
-    def running_tool(self, fragment: str) -> bool:
-        return any(fragment in _cmdline(pid) for pid in _descendants(self.proc.pid))
+    def started(self) -> dict[int, str]:
+        """pid → command line of every live process this run started, at any depth, the flow's own excluded."""
+        mark = f"MTPRESS_TEST_RUN={self.run_id}".encode()
+        found = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != self.proc.pid:
+                try:
+                    if mark in (entry / "environ").read_bytes().split(b"\0"):
+                        found[int(entry.name)] = _cmdline(int(entry.name))
+                except OSError:
+                    pass
+        return found
 
-    def kill_tree(self) -> None:
-        """SIGKILL the flow and every process under it (the tools run in sessions of their own)."""
-        victims = [self.proc.pid, *_descendants(self.proc.pid)]
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    def running_tool(self, fragment: str) -> bool:
+        return any(fragment in command for command in self.started().values())
+
+    def only_the_gate_has_the_token(self) -> None:
+        """No process this run started sees the Hub token, except the release gate's llama-server (`-hf`)."""
+        for pid, command in self.started().items():
+            if "HF_TOKEN" in _environ(pid):
+                assert "llama-server" in command and " -hf " in command, f"the token reached {command}"
+
+    def kill(self, *expected: str) -> None:
+        """SIGKILL the flow process alone; every process it started (``expected`` among them) must end by itself."""
+        running = self.started()
+        for fragment in expected:
+            assert any(fragment in command for command in running.values()), f"no {fragment} in {running}"
+        self.proc.kill()
         self.proc.wait()
-        deadline = time.monotonic() + 30
-        while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in victims[1:]):
-            assert time.monotonic() < deadline, "killed tools are still running"
+        deadline = time.monotonic() + 10
+        while left := self.started():
+            assert time.monotonic() < deadline, f"outlived the run that started them: {left}"
             time.sleep(0.1)
 
     def finish(self) -> None:
@@ -101,15 +122,14 @@ class PublishProcess:
         return self.log.read_text(errors="replace")[-6000:]
 
 
-def _state(pid: int) -> str:
-    try:
-        return next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State"))
-    except (OSError, StopIteration):
-        return "zombie"
-
-
 def _ggufs(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*.gguf"))}
+
+
+def _leftovers(*folders: Path) -> list[str]:
+    """What an interrupted run leaves: partial files and scratch folders (the gate's llama.cpp cache among them)."""
+    return [p.name for folder in folders for p in folder.rglob("*")
+            if p.name.endswith(".partial") or p.name.startswith(".convert-")]
 
 
 def _release_commits(api) -> list[str]:
@@ -126,7 +146,8 @@ def test_a_release_killed_at_each_stage_resumes_to_identical_bytes_and_one_commi
     api = hub_api()
     env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
            "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LOGGING_LEVEL": "INFO"}
-    release = tmp_path / "release"
+    release, work = tmp_path / "release", tmp_path / ".work-Interrupted"
+    prefect_server = "prefect_server:ephemeral_app"  # the temporary Prefect server each run starts
 
     reference = tmp_path / "reference"
     PublishProcess(config, reference, env, tmp_path / "reference.log", "--no-push").finish()
@@ -137,12 +158,14 @@ def test_a_release_killed_at_each_stage_resumes_to_identical_bytes_and_one_commi
     run = PublishProcess(config, release, env, tmp_path / "convert.log")
     run.wait_for(lambda: run.running_tool("convert_hf_to_gguf"), "converter process")
     time.sleep(1.0)  # let it write part of its output
-    run.kill_tree()
+    run.only_the_gate_has_the_token()
+    run.kill("convert_hf_to_gguf", prefect_server)
     assert not _ggufs(release), "a GGUF appeared before its conversion finished"
 
     run = PublishProcess(config, release, env, tmp_path / "quantize.log")
     run.wait_for(lambda: run.running_tool("llama-quantize"), "llama-quantize process")
-    run.kill_tree()
+    run.only_the_gate_has_the_token()
+    run.kill("llama-quantize", prefect_server)
     assert "Interrupted-Q4_K_M.gguf" not in _ggufs(release)
     assert {n: s for n, s in _ggufs(release).items() if "BF16" in n} == \
         {n: s for n, s in expected.items() if "BF16" in n}, "the converted files are complete and reused"
@@ -151,12 +174,26 @@ def test_a_release_killed_at_each_stage_resumes_to_identical_bytes_and_one_commi
     local_hub.faults.add("PUT", r"^/_mtpress/lfs/", action="stall", seconds=20)
     run = PublishProcess(config, release, env, tmp_path / "upload.log")
     run.wait_for(lambda: not local_hub.faults.pending(), "LFS upload", timeout=900)
-    run.kill_tree()
+    run.kill(prefect_server)
     assert _release_commits(api) == [], "a killed upload must not leave a commit"
 
-    PublishProcess(config, release, env, tmp_path / "final.log").finish()
+    # The release gate: llama.cpp's downloader is held on the staging repo's first GGUF, its llama-server live.
+    local_hub.faults.add("GET", rf"^/{TARGET}-staging/resolve/[^/]+/[^/]+\.gguf$", action="stall", seconds=180)
+    run = PublishProcess(config, release, env, tmp_path / "gate.log")
+    run.wait_for(lambda: not local_hub.faults.pending() and run.running_tool(" -hf "), "gate download", timeout=900)
+    gate_server = next(pid for pid, command in run.started().items() if " -hf " in command)
+    assert _environ(gate_server)["HF_TOKEN"] == TEST_TOKEN, "the gate reads the private staging repo with it"
+    run.only_the_gate_has_the_token()
+    # A second run of the same release folder fails at once, before it could remove the first one's files.
+    second = PublishProcess(config, release, env, tmp_path / "second.log")
+    assert second.proc.wait(timeout=300) == 1, second.output
+    assert f"{release} is in use by another mtpress run (pid {run.proc.pid}, " in second.output
+    run.kill("llama-server", prefect_server)
+    assert [name for name in _leftovers(work) if name.startswith("gate-llama-cache-")], "the gate's cache is left"
+
+    PublishProcess(config, release, env, tmp_path / "final.log").finish()  # the killed run's lock is free
     assert _ggufs(release) == expected
-    assert not [p for p in release.rglob("*") if p.name.endswith(".partial") or p.name.startswith(".convert-")]
+    assert not _leftovers(release, work), "the rerun removes what the killed runs left"
 
     manifest = json.loads((release / "manifest.json").read_text())
     assert {f["path"]: f["sha256"] for f in manifest["files"]} == expected

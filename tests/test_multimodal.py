@@ -113,7 +113,7 @@ def vl_release(tmp_path_factory, toolchain, vl_pair, prefect_harness):
 
     root = tmp_path_factory.mktemp("vl")
     mp = pytest.MonkeyPatch()
-    with LocalHub(root / "hub") as hub:
+    with LocalHub(root / "hub", tokens={TOKEN}) as hub:
         mp.setenv("HF_ENDPOINT", hub.url)
         mp.setenv("HF_TOKEN", TOKEN)
         mp.setenv("HF_HOME", str(root / "hf_home"))

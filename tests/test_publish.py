@@ -1,9 +1,11 @@
 """publish: one commit or nothing, only what changed, and a plan that says so."""
 
+import time
+
 import pytest
 from huggingface_hub import HfApi
 
-from mtpress.errors import PublishError
+from mtpress.errors import PublishConflictError, PublishError
 from mtpress.hub.client import hub_api
 from mtpress.schema import Target
 from mtpress.stages.publish import plan_publish, publish
@@ -160,3 +162,132 @@ def test_preupload_refuses_a_public_repo_it_would_create_empty(local_hub, releas
     with pytest.raises(PublishError, match="public"):
         preupload(as_gguf_files(release), release, TARGET, hub_api())
     assert not hub_api().repo_exists(TARGET.repo)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# another writer, a new public repo, the token's reach, the bytes a commit really sends
+# ---------------------------------------------------------------------------------------------------------
+
+
+def publish_while_another_writer_commits(hub, publish_call):
+    """Run ``publish_call`` while its commit request is held at the Hub; meanwhile another client commits
+    other.txt to the target. Returns what the call raised or returned."""
+    import os
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = publish_call()
+        except Exception as e:
+            outcome["error"] = e
+
+    hub.faults.add("POST", r"^/api/models/.+/commit/main$", action="stall", seconds=2)
+    worker = threading.Thread(target=run)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while hub.faults.pending() and time.monotonic() < deadline:  # the commit request has reached the Hub
+        time.sleep(0.02)
+    other = HfApi(endpoint=hub.url, token=os.environ["HF_TOKEN"])
+    other.upload_file(path_or_fileobj=b"written by someone else", path_in_repo="other.txt", repo_id=TARGET.repo)
+    worker.join()
+    return outcome
+
+
+def test_a_commit_landing_between_plan_and_commit_ends_with_a_conflict_and_deletes_nothing(local_hub, release):
+    api = hub_api()
+    planned_on = publish(release, TARGET, api, message="release").commit
+    (release / "README.md").write_text("# changed\n", encoding="utf-8")
+    outcome = publish_while_another_writer_commits(
+        local_hub, lambda: publish(release, TARGET, api, message="second release"))
+    error = outcome["error"]
+    head = api.model_info(TARGET.repo).sha
+    assert isinstance(error, PublishConflictError) and not error.retryable
+    assert f"{TARGET.repo} changed while publishing" in str(error) and "nothing was committed" in str(error)
+    assert planned_on in str(error) and head in str(error)
+    assert "other.txt" in api.list_repo_files(TARGET.repo)
+    assert [c.title for c in api.list_repo_commits(TARGET.repo)][:2] == ["Upload other.txt with huggingface_hub",
+                                                                          "release"]
+
+
+def test_a_new_public_repo_stays_private_until_its_first_commit_landed(local_hub, release):
+    api = hub_api()
+    local_hub.faults.add("POST", r"/commit/main$", action="abort_commit")
+    with pytest.raises(PublishError, match="nothing was committed"):
+        publish(release, TARGET, api, message="release")
+    assert api.model_info(TARGET.repo).private, "a failed first commit must not leave an empty public repo"
+    assert set(api.list_repo_files(TARGET.repo)) == {".gitattributes"}
+
+    result = publish(release, TARGET, api, message="release")  # the rerun finds its private leftover and opens it
+    assert result.committed and not api.model_info(TARGET.repo).private
+    assert "README.md" in HfApi(endpoint=local_hub.url, token=False).list_repo_files(TARGET.repo)
+
+
+def test_a_repo_that_could_not_be_opened_is_opened_by_the_rerun_without_a_commit(local_hub, release):
+    api = hub_api()
+    local_hub.faults.add("PUT", r"/settings$", status=503)
+    with pytest.raises(PublishError, match="the release is committed .* but the repo is still private") as err:
+        publish(release, TARGET, api, message="release")
+    assert err.value.retryable
+    assert api.model_info(TARGET.repo).private
+    commits_before = commits(api)
+    again = publish(release, TARGET, api, message="release")
+    assert not again.committed and commits(api) == commits_before and not api.model_info(TARGET.repo).private
+
+
+def test_a_private_target_stays_private(local_hub, release):
+    api = hub_api()
+    publish(release, STAGING, api, message="stage")
+    assert api.model_info(STAGING.repo).private
+
+
+def test_write_access_is_checked_against_the_tokens_user_and_organisations(local_hub):
+    from mtpress.stages.publish import check_write_access
+
+    api = hub_api()
+    check_write_access(api, TARGET, Target(repo="mtpress-test/Release-GGUF"))
+    with pytest.raises(PublishError, match=r"account mtpress-demo cannot publish someone-else/Release-GGUF: it "
+                                           r"writes only to mtpress-demo, mtpress-test"):
+        check_write_access(api, TARGET, Target(repo="someone-else/Release-GGUF"))
+
+
+def test_a_bad_or_missing_token_is_refused_by_the_write_check(local_hub, monkeypatch):
+    from mtpress.stages.publish import check_write_access
+
+    wrong = "hf_" + "WrongTokenThatMustNotLeak0123456789ab"
+    monkeypatch.setenv("HF_TOKEN", wrong)
+    with pytest.raises(PublishError, match="refuses the token") as err:
+        check_write_access(hub_api(), TARGET)
+    assert wrong not in str(err.value) and not err.value.retryable
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(PublishError, match="set HF_TOKEN"):
+        check_write_access(hub_api(), TARGET)
+
+
+def test_bytes_uploaded_counts_only_what_the_hub_did_not_have(local_hub, release):
+    from mtpress.stages.publish import preupload
+
+    api = hub_api()
+    preupload(as_gguf_files(release), release, STAGING, api)
+    before = local_hub.bytes_received
+    staged = publish(release, STAGING, api, message="stage")
+    # the card and the manifest were sent; the pre-uploaded GGUFs were not
+    assert staged.bytes_uploaded == sum((release / name).stat().st_size for name in ("README.md", "manifest.json"))
+    assert staged.bytes_uploaded <= local_hub.bytes_received - before
+
+    before = local_hub.bytes_received
+    promoted = publish(release, TARGET, api, message="release")  # the same bytes, already stored by the Hub
+    assert promoted.committed and promoted.bytes_uploaded < 1024
+    assert local_hub.bytes_received - before < min(f.size for f in as_gguf_files(release))
+
+
+def test_the_publish_flow_checks_the_token_before_anything_else(local_hub, prefect_harness, tmp_path):
+    from flows.publish import publish as publish_flow
+
+    config = tmp_path / "foreign.yaml"
+    config.write_text("name: Foreign\nfinetune: {repo: mtpress-demo/Not-Uploaded-Yet}\n"
+                      "target: {repo: someone-else/Foreign-GGUF}\n", encoding="utf-8")
+    with pytest.raises(PublishError, match="cannot publish someone-else/Foreign-GGUF, someone-else/Foreign-GGUF-st"):
+        publish_flow(str(config), str(tmp_path / "release"))
+    assert not (tmp_path / "release").exists() and not (tmp_path / ".work-Foreign").exists()

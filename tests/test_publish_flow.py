@@ -8,6 +8,7 @@ from gguf import GGUFReader
 
 from mtpress.demo.run import seed_upstream_repos
 from mtpress.hub.client import hub_api
+from mtpress.stages.bench import per_position_acceptance
 from mtpress.stages.gguf_files import read_facts
 
 pytestmark = pytest.mark.slow
@@ -23,7 +24,7 @@ def release(tmp_path_factory, toolchain, demo_pair, prefect_harness):
 
     root = tmp_path_factory.mktemp("e2e")
     mp = pytest.MonkeyPatch()
-    with LocalHub(root / "hub") as hub:
+    with LocalHub(root / "hub", tokens={TOKEN}) as hub:
         mp.setenv("HF_ENDPOINT", hub.url)
         mp.setenv("HF_TOKEN", TOKEN)
         mp.setenv("HF_HOME", str(root / "hf_home"))
@@ -204,9 +205,11 @@ def test_bench_and_quality_are_measured_with_spread_and_hardware(release):
             spread = config["overall"]["generation_per_second"]
             assert spread["n"] >= 3 and spread["min"] <= spread["median"] <= spread["max"]
             if config["draft_n_max"]:
-                alpha = config["overall"]["acceptance"]
-                assert 0 < alpha <= 1 and config["matches_plain"] is True
+                pooled = config["overall"]["acceptance"]
+                assert 0 < pooled <= 1 and config["matches_plain"] is True
                 k = config["draft_n_max"]
+                alpha = config["overall"]["acceptance_per_position"]
+                assert alpha == pytest.approx(per_position_acceptance(pooled, k))
                 assert config["overall"]["acceptance_bound"] == pytest.approx(sum(alpha**i for i in range(k + 1)))
     quality = {r["quant"]: r for r in manifest["quality"]}
     assert set(quality) == {"BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"}

@@ -8,18 +8,23 @@ from pydantic import ValidationError
 
 from mtpress.errors import ConfigError, ToolchainError
 from mtpress.manifest import jsonable
+from mtpress.schema import load_release_config
 from mtpress.stages import quality as quality_stage
 from mtpress.stages.gguf_files import GgufFile
 from mtpress.stages.quality import (
+    STATISTICS_START,
     Estimate,
     QualitySpec,
+    fewest_chunks,
     parse_base_run,
     parse_kl_run,
     parse_statistics,
     quality,
     uses_imatrix,
 )
-from mtpress.toolchain import LlamaCpp
+from mtpress.toolchain import LlamaCpp, run_tool
+
+DEMO_CONFIG = Path(__file__).parents[1] / "model_configs" / "demo.yaml"
 
 # llama-perplexity b11434, --kl-divergence-base with the demo BF16 model (-c 128 -b 128 --chunks 8).
 BASE_OUTPUT = """\
@@ -164,6 +169,23 @@ def test_quality_spec_defaults_and_imatrix_choice():
             QualitySpec(**bad)
 
 
+@pytest.mark.parametrize(("ctx_size", "fewest"), [(128, 2), (256, 1), (64, 4), (16, 15), (8192, 1)])
+def test_quality_spec_refuses_fewer_chunks_than_llama_perplexity_summarises(ctx_size, fewest):
+    """llama-perplexity scores ctx - 1 - ctx/2 tokens per chunk and prints no KL statistics below 100 of them."""
+    assert fewest_chunks(ctx_size) == fewest
+    assert QualitySpec(ctx_size=ctx_size, chunks=fewest).chunks == fewest
+    if fewest > 1:
+        with pytest.raises(ValidationError, match=rf"set chunks to at least {fewest}, or raise ctx_size"):
+            QualitySpec(ctx_size=ctx_size, chunks=fewest - 1)
+
+
+def test_quality_chunks_1_in_a_release_config_names_the_key_and_the_floor(tmp_path):
+    config = tmp_path / "release.yaml"
+    config.write_text(DEMO_CONFIG.read_text(encoding="utf-8").replace("chunks: 4", "chunks: 1"), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"quality: chunks: 1 chunk\(s\) of 128 tokens score 63 tokens.*from 100"):
+        load_release_config(config)
+
+
 @pytest.mark.slow
 def test_quality_and_imatrix_on_the_demo_model(demo_ggufs, toolchain, tmp_path):
     """Real llama-perplexity and llama-imatrix runs on BF16 and Q4_K_M; the toy's figures mean nothing."""
@@ -187,3 +209,23 @@ def test_quality_and_imatrix_on_the_demo_model(demo_ggufs, toolchain, tmp_path):
     reader = GGUFReader(imatrix)
     assert any(t.name.startswith("blk.8.nextn.eh_proj") for t in reader.tensors), "covers the MTP head"
     assert reader.get_field("imatrix.datasets").contents() == ["calibration.txt"]
+
+
+@pytest.mark.slow
+def test_the_chunk_floor_is_llama_perplexitys_and_a_short_text_is_refused_before_the_quants(demo_ggufs, toolchain,
+                                                                                            tmp_path):
+    bf16, q4 = demo_ggufs
+    # Below the floor, run as the stage runs it: one chunk of 128 scores 63 tokens, and the KL run ends without
+    # any statistics (two chunks, 126 tokens, summarise: test_quality_and_imatrix_on_the_demo_model).
+    perplexity, base, window = toolchain.tool("llama-perplexity"), tmp_path / "base.kld", ["-c", "128", "-b", "128"]
+    run_tool([perplexity, "-m", bf16.path, "-f", quality_stage.calibration_file(QualitySpec()), "--chunks", "1",
+              "--kl-divergence-base", base, *window], timeout=600)
+    output = run_tool([perplexity, "-m", q4.path, "--kl-divergence-base", base, "--kl-divergence", *window],
+                      timeout=600)
+    assert "computing over 1 chunks" in output and STATISTICS_START not in output
+    # Enough chunks asked for, but a text of ~150 tokens fills only 4 chunks of 32 (60 scored tokens, 7 needed).
+    short = tmp_path / "short.txt"
+    short.write_text(quality_stage.calibration_file(QualitySpec()).read_text(encoding="utf-8")[:600], encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"short\.txt: too short for quality\.ctx_size 32: it fills only \d chunk"):
+        quality(bf16, [q4], QualitySpec(ctx_size=32, chunks=7, calibration=short), toolchain, tmp_path / "short")
+    assert list((tmp_path / "short").iterdir()) == [], "the base-logits file must be deleted"

@@ -16,7 +16,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 @dataclass(frozen=True)
 class ModelDir:
-    """A checkpoint on disk. ``label`` says where it came from (repo@revision or a path)."""
+    """A checkpoint on disk. ``label`` says where it came from (repo@revision, or a local folder's name: labels
+    reach the manifest, so never a path)."""
 
     path: Path
     label: str

@@ -45,11 +45,13 @@ def publish(config: ConfigArg,
 
     load_release_config(config)  # a bad config fails here, in a second, before a Prefect server starts
     from flows.publish import publish as publish_flow
+    from mtpress.toolchain.prefect_server import prefect_api
 
     if not debug:
         show_own_errors_once()
-    release = publish_flow(str(config), str(output) if output else None, push=push, dry_run=dry_run,
-                           token_secret=token_secret)
+    with prefect_api():  # without PREFECT_API_URL, a Prefect server that ends with this process, kill -9 included
+        release = publish_flow(str(config), str(output) if output else None, push=push, dry_run=dry_run,
+                               token_secret=token_secret)
     typer.echo(f"release folder: {release}")
 
 
@@ -89,11 +91,13 @@ def demo(output: Annotated[Path, typer.Option(help="where the demo writes its re
          ) -> None:
     """Run the whole pipeline on generated tiny Qwen3.5 models: text-only, then multimodal (with an mmproj)."""
     from mtpress.demo.run import DEMO_REALIGN_CONFIG, run_demo, run_demos
+    from mtpress.toolchain.prefect_server import prefect_api
 
-    if realign:
-        run_demo(output.with_name(output.name + "-realign"), config=DEMO_REALIGN_CONFIG)
-    else:
-        run_demos(output)
+    with prefect_api():
+        if realign:
+            run_demo(output.with_name(output.name + "-realign"), config=DEMO_REALIGN_CONFIG)
+        else:
+            run_demos(output)
 
 
 @app.command()
@@ -189,7 +193,10 @@ def watch(
 
     parameters = {"policy": str(policy), "state_dir": str(state_dir), "launcher": launch, "dry_run": dry_run}
     if once:
-        rows = watch_flow(**parameters)
+        from mtpress.toolchain.prefect_server import prefect_api
+
+        with prefect_api():
+            rows = watch_flow(**parameters)
         typer.echo(f"{len(rows)} new candidates decided" + (" (dry run: nothing remembered)" if dry_run else ""))
         return
     from prefect import serve
@@ -217,8 +224,10 @@ def limits() -> None:
     With MTPRESS_LIMIT_SCOPE=<host> set, this machine's own: quantize-cpu-<host>, bench-gpu-<host> (docs/deploy.md).
     """
     from mtpress.concurrency import LIMITS, ensure_limits, limit_name
+    from mtpress.toolchain.prefect_server import prefect_api
 
-    created = set(ensure_limits())
+    with prefect_api():
+        created = set(ensure_limits())
     for kind, slots in LIMITS.items():
         name = limit_name(kind)
         typer.echo(f"{name}: {'created' if name in created else 'exists'} ({slots} slot{'s' if slots > 1 else ''})")
@@ -283,8 +292,8 @@ def hub_serve(root: Annotated[Path, typer.Option(help="where repos are stored")]
 
 
 def main() -> None:
-    # Without PREFECT_API_URL each run starts a temporary Prefect server; on a busy 2-core machine its first
-    # start (database migrations) can take longer than Prefect's default 20 s wait.
+    # Without PREFECT_API_URL a command that runs flows starts a temporary Prefect server (prefect_api); on a
+    # busy 2-core machine its first start (database migrations) can take longer than Prefect's default 20 s wait.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     # mtpress runs offline as often as not: Prefect's usage telemetry would only print failed-to-send tracebacks.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

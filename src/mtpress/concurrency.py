@@ -11,9 +11,10 @@ Prefect silently skips a limit that does not exist ("do not exist - skipping acq
 everything in parallel, so ``occupy`` creates its limit first and acquires it strictly.
 
 Without a Prefect server (``PREFECT_API_URL`` unset: ``mtpress publish`` and ``make demo`` on their own),
-every process starts a temporary server that keeps slot leases in its memory and never takes back the
-slot of a run that was killed: the next run would wait forever. There the machine is the whole scope,
-so the limit is a lock file under the mtpress cache, which the kernel releases when its holder dies.
+every process starts a temporary server (``prefect_server.prefect_api``) that keeps slot leases in its memory
+and never takes back the slot of a run that was killed: the next run would wait forever. There the machine
+is the whole scope, so the limit is a lock file under the mtpress cache, which the kernel releases when its
+holder dies.
 
 A limit lives on the Prefect server, so by default it is shared by every machine that talks to that server.
 With several machines, set ``MTPRESS_LIMIT_SCOPE`` (e.g. to the host name) in each worker's environment:
@@ -60,8 +61,10 @@ def occupy(kind: str) -> Iterator[None]:
     from prefect.concurrency.sync import concurrency
     from prefect.settings import PREFECT_API_URL
 
+    from mtpress.toolchain.prefect_server import is_temporary
+
     name = limit_name(kind)
-    if not PREFECT_API_URL.value():
+    if not PREFECT_API_URL.value() or is_temporary(PREFECT_API_URL.value()):
         with _machine_lock(name):
             yield
         return

@@ -12,11 +12,36 @@ from collections.abc import Sequence
 class MtpressError(Exception):
     """Root of all mtpress errors. ``hint`` tells the user what to do next."""
 
-    retryable: bool = False
-
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         self.hint = hint
         super().__init__(message if hint is None else f"{message}\n  → {hint}")
+
+    @property
+    def retryable(self) -> bool:
+        """Whether another attempt can succeed: only when what caused this error was transient."""
+        return is_transient(self.__cause__)
+
+
+def is_transient(error: BaseException | None) -> bool:
+    """Whether ``error`` is a failure another attempt can get past, the one rule behind every retry.
+
+    Transient: the Hub answered 5xx, or 429 with a Retry-After; the connection failed, dropped or timed out; a
+    tool ran out of time. Everything else repeats itself, or worse: bad input, a failed check, a 401/403/404,
+    and a 412 (another writer moved the branch: a retry would plan against their commit and delete their files).
+    Wrapped errors are judged by their cause (``raise … from``).
+    """
+    import httpx2  # huggingface_hub's HTTP client; imported only when a failure is judged
+
+    if error is None:
+        return False
+    if isinstance(error, MtpressError):
+        return error.retryable
+    response = getattr(error, "response", None)  # HfHubHTTPError and any HTTPStatusError keep the answer
+    if (status := getattr(response, "status_code", None)) is not None:
+        return status >= 500 or (status == 429 and "Retry-After" in response.headers)
+    if isinstance(error, httpx2.TimeoutException | httpx2.NetworkError | httpx2.RemoteProtocolError | TimeoutError):
+        return True
+    return is_transient(error.__cause__)
 
 
 # CONFIGURATION ERRORS
@@ -38,6 +63,14 @@ class ConfigError(MtpressError, ValueError):
 
 class InsufficientDiskError(MtpressError, OSError):
     """Not enough free disk for the planned outputs; raised before any long work starts."""
+
+
+class ReleaseBusyError(MtpressError, BlockingIOError):
+    """Another mtpress run is using this release folder (or its work folder); raised at the start of a run.
+
+    Example:
+        /srv/releases/X is in use by another mtpress run (pid 4242, since 2026-12-04 16:02:11 UTC)
+    """
 
 
 # MODEL ERRORS
@@ -90,6 +123,7 @@ class ToolFailedError(ToolchainError):
     def __init__(self, argv: Sequence[str], *, returncode: int | None, output: str, timed_out: bool = False):
         self.argv = list(argv)
         self.returncode = returncode
+        self.timed_out = timed_out
         self.output_tail = output[-2000:] if output else "<empty>"
         if timed_out:
             reason = "timed out"
@@ -98,6 +132,11 @@ class ToolFailedError(ToolchainError):
         else:
             reason = f"exited with code {returncode}"
         super().__init__(f"command {' '.join(self.argv[:3])} … {reason}. output tail:\n{self.output_tail}")
+
+    @property
+    def retryable(self) -> bool:
+        """A tool that ran out of time may finish on a less busy machine; one that crashed crashes again."""
+        return self.timed_out
 
 
 class RemoteRunError(MtpressError, RuntimeError):
@@ -114,6 +153,8 @@ class RemoteRunError(MtpressError, RuntimeError):
 class QualityGateError(MtpressError, AssertionError):
     """A produced file failed a check (load, greedy equivalence, drafting)."""
 
+    retryable = False  # the same files fail the same check again, whatever made it fail
+
 
 class GateError(QualityGateError):
     """A repo, as a real Hub client gets it, is not the release that was tested; names the file and client.
@@ -124,8 +165,40 @@ class GateError(QualityGateError):
     """
 
 
+class DeadHeadError(QualityGateError):
+    """A head drafts, but llama.cpp accepts fewer of its drafts than ``smoke.min_acceptance``: it only costs time.
+
+    Raised by the smoke test and by the release gate; identical greedy output cannot show it (the trunk
+    verifies every draft), only the acceptance rate does.
+
+    Example:
+        smoke X-Q4_K_M.gguf + mtp-X-Q4_K_M.gguf: draft-mtp acceptance 0 (0 of 91 drafted tokens accepted at
+        draft length 2) is below smoke.min_acceptance 0.2
+    """
+
+
 # PUBLISHING ERRORS
 
 
 class PublishError(MtpressError):
-    """The release could not be published; nothing was committed."""
+    """The release could not be published; the message says whether anything was committed."""
+
+
+class PublishConflictError(PublishError):
+    """Another writer committed to the target while the release was being committed: nothing was committed, and
+    the release is not retried against their commit (its plan would delete what they added).
+
+    Example:
+        mtpress-demo/X-GGUF changed while publishing: the release was planned on commit 1a2b…, the branch is now
+        at 3c4d…; nothing was committed
+    """
+
+
+class HubRequestError(MtpressError, OSError):
+    """Reading from the Hub failed for a reason outside the model: the endpoint, the network or the token.
+
+    Retried when transient (5xx, 429 with Retry-After, no answer); the cause keeps the HTTP status.
+
+    Example:
+        reading org/model@main from https://huggingface.co failed: 503 Service Unavailable
+    """

@@ -1,15 +1,20 @@
-"""Filesystem helpers: atomic writes and content hashes."""
+"""Filesystem helpers: atomic writes, content hashes, and one run per release folder."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import TextIO
+
+from mtpress.errors import ReleaseBusyError
 
 HASH_CHUNK = 8 * 1024 * 1024
 
@@ -42,14 +47,55 @@ def atomic_path(final: Path) -> Iterator[Path]:
 
 
 def remove_stale_partials(root: Path) -> list[Path]:
-    """Delete what an interrupted run left behind (``*.partial`` files, scratch dirs); nothing else."""
-    stale = [p for p in root.rglob("*") if p.name.endswith(".partial") or p.name.startswith(".convert-")]
+    """Delete what an interrupted run left behind in ``root`` (``*.partial`` files and scratch dirs, the
+    converter's ``.convert-*`` dirs); nothing else. Only safe while ``hold_folder`` holds ``root``: another
+    run's scratch files look the same."""
+    stale = []
+    for folder, dirs, files in os.walk(root):
+        for name in [*dirs, *files]:
+            if name.endswith(".partial") or name.startswith(".convert-"):
+                stale.append(Path(folder) / name)
+        dirs[:] = [d for d in dirs if Path(folder) / d not in stale]  # what is deleted whole is not searched
     for path in stale:
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
     return stale
+
+
+RUN_LOCK = ".mtpress-run.lock"
+_held: dict[Path, TextIO] = {}  # folder → its open lock file, for as long as this process lives
+
+
+def hold_folder(folder: Path) -> None:
+    """Make this process the only mtpress run using ``folder`` (created if missing) until it exits.
+
+    An exclusive ``flock`` on ``folder/.mtpress-run.lock``, which holds the holder's pid for the message of a
+    run that finds it taken: ReleaseBusyError, at once. The kernel releases the lock when the process ends,
+    ``kill -9`` included, so a killed run never blocks the next one. It is kept until then, not released at
+    the end of a run: a run that fails keeps its frames (and what they hold) alive in its traceback, and runs
+    of one folder in one process follow each other (the demo, tests), which holding it again allows.
+    """
+    folder = folder.resolve()
+    if folder in _held:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = (folder / RUN_LOCK).open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise ReleaseBusyError(f"{folder} is in use by another mtpress run ({holder})",
+                               hint="wait for that run to end, or stop it; two runs of one release would delete "
+                                    "each other's partial files. A killed run frees the folder at once, and the "
+                                    "next run removes what it left") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+    lock.flush()
+    _held[folder] = lock
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

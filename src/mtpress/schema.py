@@ -60,7 +60,9 @@ class Source(StrictModel):
 
     @property
     def label(self) -> str:
-        return f"{self.repo}@{self.revision}" if self.repo else str(self.path)
+        """repo@revision, or a local folder's name: labels reach the manifest and the card, and where the folder
+        sits on the publisher's machine is theirs (the manifest adds the folder's content digest)."""
+        return f"{self.repo}@{self.revision}" if self.repo else self.path.resolve().name
 
 
 class Target(StrictModel):
@@ -99,6 +101,13 @@ class SmokeSpec(StrictModel):
     timeout_s: Annotated[float, Field(gt=0)] = 300.0
     # Sent with --mmproj when the release has a vision projector; None: the shipped test image.
     image: Path | None = None
+    # The least share of drafted tokens llama.cpp must accept (accepted ÷ drafted, text request, at draft_n_max)
+    # for a head to ship, in the smoke test and the release gate. Identical output only proves the verifier: a
+    # dead head drafts and is never right. Measured at draft length 2 (b11434, CPU): the demo's copied head 0.59 to
+    # 0.85 over 48 tokens and 0.73 to 0.75 over the gate's 16, on BF16 to Q4_K_M in both layouts; a head of the
+    # same shape with random matrices 0/91 and 0/27 on every one. Copied heads on real fine-tunes are reported
+    # near 0.5. Pooled acceptance falls with the draft length ((α + … + α^k) / k): a long draft_n_max needs a lower one.
+    min_acceptance: Annotated[float, Field(ge=0, le=1)] = 0.2
 
 
 class GateSpec(StrictModel):

@@ -19,6 +19,8 @@ can measure:
 * **Fine-tune = base + more memories + noise** on every stored bf16 value, with the
   ``mtp.*`` tensors gone and ``mtp_num_hidden_layers: 1`` kept in its config: the
   situation of a fine-tune that lost its head.
+* **Dead head** (``write_dead_head_base``): the base with every head matrix replaced by
+  random values of the same norm. It loads and drafts; none of its drafts is accepted.
 
 Norm gains are stored zero-centred (the model computes x·(1+w)), except
 ``linear_attn.norm``, as in Qwen3.5 checkpoints. Tensors are generated in row
@@ -200,16 +202,28 @@ def write_demo_finetune(dest: Path, base_spec: DemoSpec = DemoSpec(), *, base_re
     return write_demo_model(dest, spec, with_mtp=False, repo_id=repo_id, base_model=base_repo_id)
 
 
+def write_dead_head_base(dest: Path, spec: DemoSpec = DemoSpec(), *, repo_id: str) -> Path:
+    """The demo base with a dead head: every head matrix replaced by random values of the same norm.
+
+    As a donor it passes every shape, dtype and compatibility check, loads, drafts and leaves greedy output
+    unchanged (the trunk verifies every draft), but llama.cpp accepts none of its drafts: only the acceptance
+    rate tells it from the real head.
+    """
+    return write_demo_model(dest, spec, with_mtp=True, repo_id=repo_id, head=dead_head_plans)
+
+
 def write_demo_model(dest: Path, spec: DemoSpec, *, with_mtp: bool, repo_id: str, base_model: str | None = None,
-                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                     head: Callable[[DemoSpec], list[TensorPlan]] | None = None) -> Path:
     """Write an HF-layout checkpoint into ``dest`` (replaced whole, atomically) and return it.
 
     Files: ``config.json``, ``generation_config.json``, the tokenizer, ``README.md`` (model
     card; ``base_model`` goes into its front matter), ``model-0000i-of-0000n.safetensors``
     shards of at most ``max_shard_bytes`` (a bigger tensor gets a shard of its own) and
-    ``model.safetensors.index.json``. The 15 ``mtp.*`` tensors are included iff ``with_mtp``.
+    ``model.safetensors.index.json``. The 15 ``mtp.*`` tensors are included iff ``with_mtp``, as ``head``
+    plans them (default: the trained head, ``head_plans``).
     """
-    plans = trunk_plans(spec) + (head_plans(spec) if with_mtp else [])
+    plans = trunk_plans(spec) + ((head or head_plans)(spec) if with_mtp else [])
     parameters = sum(p.size for p in plans)
     with atomic_path(dest) as tmp:
         tmp.mkdir()
@@ -296,6 +310,19 @@ def head_plans(spec: DemoSpec) -> list[TensorPlan]:
         *full_attention_plans(spec, "mtp.layers.0."),
         *mlp_plans(spec, "mtp.layers.0.", with_memories=False),
     ]
+
+
+def dead_head_plans(spec: DemoSpec) -> list[TensorPlan]:
+    """``head_plans`` with each matrix replaced by random values of the same Frobenius norm; norm gains kept."""
+
+    def scrambled(plan: TensorPlan) -> TensorPlan:
+        def make() -> np.ndarray:
+            norm = np.linalg.norm(from_bf16(plan.make()))
+            values = stream(spec, "dead-head:" + plan.name).standard_normal(plan.shape, np.float32)
+            return to_bf16(values * np.float32(norm / np.linalg.norm(values)))
+        return replace(plan, make=make)
+
+    return [scrambled(plan) if len(plan.shape) > 1 else plan for plan in head_plans(spec)]
 
 
 def linear_attention_plans(spec: DemoSpec, prefix: str) -> list[TensorPlan]:

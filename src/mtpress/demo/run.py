@@ -16,8 +16,6 @@ from pathlib import Path
 DEMO_CONFIG = Path("model_configs/demo.yaml")
 DEMO_VL_CONFIG = Path("model_configs/demo-vl.yaml")
 DEMO_REALIGN_CONFIG = Path("model_configs/demo-realign.yaml")  # `mtpress demo --realign`
-# llama.cpp only forwards tokens shaped like real ones (hf_ + 34 or more letters/digits).
-DEMO_TOKEN = "hf_mtpressDemoTokenForTheLocalHubOnly0"
 
 
 def run_demos(output: Path, *, hub_root: Path = Path("releases/hub")) -> list[Path]:
@@ -33,11 +31,14 @@ def run_demo(output: Path, *, hub_root: Path = Path("releases/hub"), config: Pat
              spec=None) -> Path:
     # The local endpoint speaks LFS, not Xet; huggingface_hub reads this switch at import time.
     os.environ["HF_HUB_DISABLE_XET"] = "1"
-    from mtpress.hub.server import LocalHub
+    from mtpress.hub.server import LocalHub, new_token
 
-    with LocalHub(hub_root) as hub:
+    # A write token of this run only, known to this process (the flow runs in it; llama.cpp in the release gate
+    # gets it through its environment): the demo's hub serves nobody else's writes or private repos.
+    token = new_token()
+    with LocalHub(hub_root, tokens={token}) as hub:
         os.environ["HF_ENDPOINT"] = hub.url
-        os.environ["HF_TOKEN"] = DEMO_TOKEN
+        os.environ["HF_TOKEN"] = token
         seed_upstream_repos(config, spec)
         from flows.publish import publish
 

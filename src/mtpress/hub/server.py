@@ -16,8 +16,14 @@ Storage under `root`:
 A commit's `tree` is a full snapshot `path -> {size, git_oid, sha256, lfs}`. Commit objects are immutable;
 a branch moves by atomically replacing `refs.json`, so a commit is either fully recorded or not at all.
 
+Access, as the real Hub answers: every hub has its write tokens (`mtpress hub serve` generates one and prints it
+once, or reads `--token-file`). Writes without a valid `Authorization: Bearer` token get 401; private repos are
+invisible to such callers (404 `RepoNotFound`, as if they did not exist); public repos are readable by anyone, as
+llama.cpp's `-hf` and `snapshot_download` read them anonymously.
+
 Fault injection (`LocalHub.faults`, or `POST /_mtpress/faults` from another process) lets reliability tests
-make the next matching requests fail: see `FaultPlan`.
+make the next matching requests fail: see `FaultPlan`. It exists only on a hub started with `faults=True`
+(`mtpress hub serve --allow-faults`); elsewhere the route answers 404. Its control endpoint needs a write token.
 """
 
 from __future__ import annotations
@@ -73,6 +79,9 @@ _YAML_BLOCK_RE = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)--
 _BEARER_RE = re.compile(r"^Bearer\s+(\S+)\s*$", re.IGNORECASE)
 _SECRET_QUERY_RE = re.compile(r"(sig=)[^&]*")
 _RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# What a local Hub takes as a token: long enough not to be guessed, and sendable as `Bearer <token>`. Like the real
+# Hub it also takes tokens llama.cpp will not send (e.g. OAuth ones, `hf_oauth_...`): the release gate must meet them.
+_TOKEN_RE = re.compile(r"^[\x21-\x7e]{20,}$")
 
 
 class HubError(Exception):
@@ -131,9 +140,12 @@ class Fault:
 
 
 class FaultPlan:
-    """Thread-safe list of planned failures, checked by the server on every request."""
+    """Thread-safe list of planned failures, checked by the server on every request.
 
-    def __init__(self) -> None:
+    A plan that is not `enabled` refuses every fault: a hub serves injected failures only when asked to."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
         self._lock = threading.Lock()
         self._faults: list[Fault] = []
 
@@ -149,6 +161,9 @@ class FaultPlan:
         seconds: float = 0.0,
     ) -> Fault:
         """Plan a failure for the next `times` requests matching `method` and the `path` regex."""
+        if not self.enabled:
+            raise RuntimeError("Fault injection is off on this local Hub: start it with LocalHub(..., faults=True) "
+                               "or `mtpress hub serve --allow-faults`.")
         if action not in FAULT_ACTIONS:
             raise ValueError(f"Unknown fault action {action!r}; expected one of {FAULT_ACTIONS}.")
         if times < 1 or not 100 <= status <= 599:
@@ -333,6 +348,11 @@ class HubStore:
             _atomic_write_json(staging / "refs.json", {"heads": {DEFAULT_BRANCH: initial["id"]}, "tags": {}})
             os.replace(staging, final)
             return True
+
+    def set_private(self, repo_id: str, private: bool) -> None:
+        with self.repo_lock(repo_id):
+            meta = self.repo_meta(repo_id)
+            _atomic_write_json(self._repo_dir(repo_id) / "repo.json", {**meta, "private": private})
 
     def delete_repo(self, repo_id: str) -> bool:
         with self.repo_lock(repo_id):
@@ -776,8 +796,6 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
 
     def _authenticated(self) -> bool:
         match = _BEARER_RE.match(self.headers.get("Authorization", ""))
-        if self.hub.tokens is None:
-            return True
         return match is not None and match.group(1) in self.hub.tokens
 
     def _require_write_access(self) -> None:
@@ -838,13 +856,15 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
                 self._preupload(ns, name, unquote(rev))
             case ["api", "models", ns, name, "commit", rev] if method == "POST":
                 self._commit(ns, name, unquote(rev))
+            case ["api", "models", ns, name, "settings"] if method == "PUT":
+                self._settings(ns, name)
             case [ns, git, "info", "lfs", "objects", "batch"] if method == "POST" and git.endswith(".git"):
                 self._lfs_batch(ns, git.removesuffix(".git"))
             case [ns, git, "info", "lfs", "objects", "verify"] if method == "POST" and git.endswith(".git"):
                 self._lfs_verify(ns, git.removesuffix(".git"))
             case ["_mtpress", "lfs", oid] if method == "PUT":
                 self._lfs_put(oid)
-            case ["_mtpress", "faults"]:
+            case ["_mtpress", "faults"] if self.hub.faults.enabled:
                 self._faults_control()
             case [ns, name, "resolve", rev, *path] if path and method in ("GET", "HEAD"):
                 self._resolve(ns, name, unquote(rev), "/".join(unquote(p) for p in path))
@@ -854,12 +874,12 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
     # -- account and repos ------------------------------------------------------------------------------
 
     def _whoami(self) -> None:
-        if not _BEARER_RE.match(self.headers.get("Authorization", "")) or not self._authenticated():
-            raise HubError(401, "Invalid credentials in Authorization header")
+        self._require_write_access()  # every token of a local Hub is a write token
         user = self.hub.user
         self._send_json({
             "type": "user", "id": hashlib.sha1(user.encode()).hexdigest()[:24], "name": user, "fullname": user,
-            "email": None, "emailVerified": False, "canPay": False, "isPro": False, "orgs": [],
+            "email": None, "emailVerified": False, "canPay": False, "isPro": False,
+            "orgs": [{"type": "org", "name": org, "fullname": org, "roleInOrg": "write"} for org in self.hub.orgs],
             "auth": {"type": "access_token", "accessToken": {"displayName": "mtpress-local", "role": "write"}},
         })  # fmt: skip
 
@@ -879,6 +899,15 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             self._send_json({"error": "You already created this model repo", "url": url}, 409)
             return
         self._send_json({"url": url, "name": repo_id, "id": repo_id})
+
+    def _settings(self, ns: str, name: str) -> None:
+        """Only the visibility can be changed here (`update_repo_settings(private=…)` sends `visibility`)."""
+        repo_id, _ = self._writable_repo(ns, name)
+        visibility = self._json_body().get("visibility")
+        if visibility not in ("public", "private"):
+            raise HubError(400, "This local Hub changes only a repo's visibility: send 'public' or 'private'.")
+        self.hub.store.set_private(repo_id, visibility == "private")
+        self._send_json({})
 
     def _delete_repo(self) -> None:
         self._require_write_access()
@@ -1174,9 +1203,10 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
     # -- test control -----------------------------------------------------------------------------------
 
     def _faults_control(self) -> None:
-        """GET lists planned faults; DELETE clears them; POST {"clear"?: bool, "faults": [Fault fields]}."""
+        """GET lists planned faults; DELETE clears them; POST {"clear"?: bool, "faults": [Fault fields]}.
+        Every call needs a write token: a planned fault can make any caller's request fail."""
+        self._require_write_access()
         if self.command == "POST":
-            self._require_write_access()
             body = self._json_body()
             if body.get("clear"):
                 self.hub.faults.clear()
@@ -1186,7 +1216,6 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
                 except (TypeError, ValueError, re.error) as err:
                     raise HubError(400, f"Invalid fault {spec!r}: {err}") from err
         elif self.command == "DELETE":
-            self._require_write_access()
             self.hub.faults.clear()
         elif self.command != "GET":
             raise HubError(404, f"No route for {self.command} {self.raw_path}.")
@@ -1198,30 +1227,49 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def new_token() -> str:
+    """A fresh write token for a local Hub, shaped like the Hub's own: llama.cpp's -hf downloader sends only
+    `hf_` + 34 to 253 letters or digits (common/hf-cache.cpp, is_valid_hf_token) and drops any other silently."""
+    return "hf_" + secrets.token_hex(24)
+
+
 class LocalHub:
     """A Hub-compatible endpoint serving the repos stored under `root`.
 
-    `tokens=None` accepts any caller (any bearer token, or none). With a set of tokens, writes need one of
-    them (else 401) and private repos are invisible (404 RepoNotFound) to everyone else. `user` is the name
-    `whoami` answers, the default namespace of new repos and the author of commits.
+    Writes need one of `tokens` (else 401) and private repos are invisible (404 RepoNotFound) to everyone else;
+    public repos are readable without a token. There is no open mode: `new_token()` makes one. `user` is the name
+    `whoami` answers, the default namespace of new repos and the author of commits; `orgs` the organisations
+    `whoami` lists beside it (the namespaces the tests, the benchmark and the watch demo publish to: mtpress checks
+    a target's namespace against them before a run). `faults=True` turns on fault injection (`faults`, and the
+    `/_mtpress/faults` route) for reliability tests.
 
-        with LocalHub(tmp_path) as hub:
-            HfApi(endpoint=hub.url).create_repo("mtpress-demo/tiny")
+        token = new_token()
+        with LocalHub(tmp_path, tokens={token}) as hub:
+            HfApi(endpoint=hub.url, token=token).create_repo("mtpress-demo/tiny")
     """
 
     def __init__(
         self,
         root: Path,
+        *,
+        tokens: set[str],
         host: str = "127.0.0.1",
         port: int = 0,
-        tokens: set[str] | None = None,
         user: str = "mtpress-demo",
+        orgs: tuple[str, ...] = ("mtpress-test", "mtpress-bench", "mtpress-bot"),
+        faults: bool = False,
     ):
+        tokens = set(tokens)
+        if not tokens or not all(isinstance(t, str) and _TOKEN_RE.match(t) for t in tokens):
+            # The message never shows the tokens: they are secrets.
+            raise ValueError("A local Hub needs at least one write token, each at least 20 printable characters "
+                             "without spaces; new_token() makes one shaped like the Hub's (which llama.cpp sends).")
         self.store = HubStore(Path(root))
         self.host, self.port = host, port
-        self.tokens = set(tokens) if tokens is not None else None
+        self.tokens = tokens
         self.user = user
-        self.faults = FaultPlan()
+        self.orgs = orgs
+        self.faults = FaultPlan(enabled=faults)
         self.secret = secrets.token_bytes(32)  # signs LFS upload links; new on every start of the process
         self.bytes_received = 0  # request body bytes from every client since start: what benchmarks call uploaded
         self._received_lock = threading.Lock()
@@ -1272,9 +1320,9 @@ class LocalHub:
         self.stop()
 
 
-def serve(root: Path, host: str, port: int, *, tokens: set[str] | None = None, user: str = "mtpress-demo") -> None:
-    """Serve the local Hub in the foreground until interrupted (for `mtpress hub serve`)."""
-    hub = LocalHub(root, host=host, port=port, tokens=tokens, user=user)
+def serve(hub: LocalHub) -> None:
+    """Serve `hub` in the foreground until interrupted (for `mtpress hub serve`, which binds it first to show its
+    address)."""
     hub.bind()
     logger.info("Local Hub serving %s at %s (Ctrl+C to stop)", hub.store.root, hub.url)
     try:

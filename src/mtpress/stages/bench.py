@@ -101,11 +101,13 @@ class Sample:
 class Figures:
     """The summary of one configuration over one scope: a domain, or ``all`` prompts.
 
-    ``acceptance`` is alpha = accepted / drafted. ``speedup`` is this configuration's median generation
-    tokens/s over plain decoding's median in the same scope. ``acceptance_bound`` is
-    (1 - alpha^(k+1)) / (1 - alpha): the tokens each verification step would yield if every drafted token
-    were accepted independently with probability alpha, a ceiling on the speedup that ignores what
-    drafting and verifying cost.
+    ``acceptance`` is the pooled rate accepted / drafted over every verification step. At draft length
+    k >= 2 that is not the per-position rate alpha: ``acceptance_per_position`` estimates alpha from it
+    (``per_position_acceptance``). ``acceptance_bound`` is (1 - alpha^(k+1)) / (1 - alpha) for that
+    estimate: the tokens each verification step would yield if each drafted position were accepted with
+    probability alpha, a ceiling on the speedup that ignores what drafting and verifying cost.
+    ``speedup`` is this configuration's median generation tokens/s over plain decoding's median in the
+    same scope.
     """
 
     scope: str
@@ -115,6 +117,7 @@ class Figures:
     drafted: int
     accepted: int
     acceptance: float | None
+    acceptance_per_position: float | None
     speedup: float | None
     acceptance_bound: float | None
 
@@ -160,8 +163,11 @@ class BenchResult:
                  "tg IQR": round(c.overall.generation_per_second.iqr, 2),
                  "pp tok/s (median)": round(c.overall.prompt_per_second.median, 2),
                  "pp IQR": round(c.overall.prompt_per_second.iqr, 2),
-                 "alpha": _round(c.overall.acceptance), "speedup": _round(c.overall.speedup),
-                 "bound": _round(c.overall.acceptance_bound), "same tokens": c.matches_plain}
+                 "drafted": c.overall.drafted, "accepted": c.overall.accepted,
+                 "acceptance (pooled)": _round(c.overall.acceptance),
+                 "alpha per position (est.)": _round(c.overall.acceptance_per_position),
+                 "bound": _round(c.overall.acceptance_bound), "speedup": _round(c.overall.speedup),
+                 "same tokens": c.matches_plain}
                 for c in self.configs]
 
 
@@ -172,6 +178,32 @@ def acceptance_bound(alpha: float, k: int) -> float:
     if k < 0:
         raise ValueError(f"draft length must be >= 0, got {k}")
     return sum(alpha**i for i in range(k + 1))
+
+
+def per_position_acceptance(pooled: float, k: int) -> float:
+    """The per-position acceptance alpha whose pooled rate at draft length ``k`` is ``pooled``.
+
+    llama.cpp counts drafted and accepted tokens over every verification step, and a step keeps the
+    longest correct prefix of its k drafted tokens. If each position is accepted with probability alpha
+    once the ones before it were, a step accepts alpha + alpha^2 + ... + alpha^k of its k tokens on
+    average, so pooled = (alpha + ... + alpha^k) / k: alpha itself only at k = 1. That mean rises strictly
+    from 0 to 1 as alpha does, so bisection inverts it. (It assumes every step drafts k tokens; llama-server
+    reports the counts only as totals.)
+    """
+    if not 0.0 <= pooled <= 1.0:
+        raise ValueError(f"a pooled acceptance rate must lie in [0, 1], got {pooled}")
+    if k < 1:
+        raise ValueError(f"draft length must be >= 1, got {k}")
+    if k == 1 or pooled in (0.0, 1.0):
+        return pooled
+    low, high = 0.0, 1.0
+    for _ in range(64):  # 2^-64: below a float's resolution on [0, 1]
+        middle = (low + high) / 2
+        if sum(middle**i for i in range(1, k + 1)) / k < pooled:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
 
 
 def summarize(values: Sequence[float]) -> Spread:
@@ -269,7 +301,8 @@ def bench(model: GgufFile, head: GgufFile | None, spec: BenchSpec, tools: LlamaC
         hardware={**hardware(), "gpu": ", ".join(devices) or None, "threads": threads,
                   "offload": f"llama-server default onto {', '.join(devices)}" if devices else "none (CPU)",
                   "load_average_1m": load},
-        prompt_set=f"mtpress/{PROMPTS_RESOURCE}" if spec.prompts is None else str(spec.prompts),
+        # A prompt set of the publisher's own is named, not located: its path is private.
+        prompt_set=f"mtpress/{PROMPTS_RESOURCE}" if spec.prompts is None else spec.prompts.name,
         prompt_set_sha256=sha256_file(prompt_file(spec.prompts)), prompts=len(prompts),
         domains=tuple(dict.fromkeys(p.domain for p in prompts)), n_predict=spec.n_predict,
         repetitions=spec.repetitions, warmup=spec.warmup, seed=SEED, spread=SPREAD_METHOD,
@@ -339,16 +372,19 @@ def _config_result(config: str, k: int, samples: Sequence[Sample], plain_generat
 
 
 def figures_for(scope: str, samples: Sequence[Sample], k: int, plain_generation_median: float | None) -> Figures:
-    """Summarize one scope; alpha pools the counts (total accepted / total drafted), not per-request rates."""
+    """Summarize one scope; acceptance pools the counts (total accepted / total drafted), not per-request
+    rates, and the bound takes the per-position rate estimated from that pool."""
     generation = summarize([s.generation_per_second for s in samples])
     drafted = sum(s.drafted for s in samples)
     accepted = sum(s.accepted for s in samples)
-    alpha = accepted / drafted if drafted else None
+    pooled = accepted / drafted if k and drafted else None
+    alpha = per_position_acceptance(pooled, k) if pooled is not None else None
     speedup = generation.median / plain_generation_median if k and plain_generation_median else None
     return Figures(scope=scope, samples=len(samples),
                    prompt_per_second=summarize([s.prompt_per_second for s in samples]),
-                   generation_per_second=generation, drafted=drafted, accepted=accepted, acceptance=alpha,
-                   speedup=speedup, acceptance_bound=acceptance_bound(alpha, k) if alpha is not None else None)
+                   generation_per_second=generation, drafted=drafted, accepted=accepted, acceptance=pooled,
+                   acceptance_per_position=alpha, speedup=speedup,
+                   acceptance_bound=acceptance_bound(alpha, k) if alpha is not None else None)
 
 
 def _gpu_devices(tools: LlamaCpp) -> list[str]:

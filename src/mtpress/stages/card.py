@@ -14,7 +14,7 @@ import re
 import shlex
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import yaml
@@ -25,7 +25,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from mtpress.errors import MtpressError
 from mtpress.fsutil import write_text_atomic
 from mtpress.manifest import read_manifest
-from mtpress.schema import REPO_ID
+from mtpress.schema import REPO_ID, SmokeSpec
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[3] / "templates" / "card"
 # Language → file in the published repo. README.md is the card the Hub shows and the only file whose
@@ -123,11 +123,13 @@ def front_matter(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """The model-tree metadata, as a dict (dumped with yaml.safe_dump, never templated).
 
     Only Hub-valid values go in: ``base_model`` only when the fine-tune is a Hub repo id, ``license``
-    only when it looks like a license identifier (else ``other``; the body shows the text).
+    only when it looks like a license identifier (else ``other``; the body shows the text). A release
+    without a head is not tagged for MTP or speculative decoding: nothing in it drafts.
     """
     family = (manifest.get("architecture") or {}).get("family")
     family_tag = [family.lower()] if isinstance(family, str) and FAMILY_TAG.fullmatch(family.lower()) else []
-    return model_tree_front_matter(manifest, library="gguf", tags=["gguf", "mtp", "speculative-decoding", *family_tag])
+    mtp_tags = [] if _inject_action(manifest) == "no-head" else ["mtp", "speculative-decoding"]
+    return model_tree_front_matter(manifest, library="gguf", tags=["gguf", *mtp_tags, *family_tag])
 
 
 def model_tree_front_matter(manifest: Mapping[str, Any], *, library: str, tags: list[str]) -> dict[str, Any]:
@@ -173,24 +175,26 @@ def card_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
     arch = _architecture_facts(manifest)
     files = _file_rows(manifest, arch)
     pair = _recommended_pair(files)
-    smoke = _smoke_rows(manifest, files)
+    # Stage records name files by layout and file name; the card shows their paths in the repo.
+    paths = {(f["layout"], f["name"]): f["path"] for f in files}
+    smoke = _smoke_rows(manifest, paths)
     hardware = manifest.get("hardware") or {}
     smoke_config = config.get("smoke") or {}
     draft_n_max = _smoke_setting(smoke_config, smoke, "draft_n_max")
     mtp_flags = ["--spec-type", "draft-mtp", *(["--spec-draft-n-max", str(draft_n_max)] if draft_n_max else [])]
-    has_donor = bool((manifest.get("inputs") or {}).get("donor") or config.get("donor"))
     license_text, license_source = _license(manifest)
     return {
         "title": target.rsplit("/", 1)[-1],
         "release": release,
         "target": target,
         "finetune": _source(manifest, "finetune"),
-        "donor": _source(manifest, "donor") if has_donor else None,
+        # Credited only when the head came from it: a fine-tune that kept its own head used no donor.
+        "donor": _source(manifest, "donor") if _inject_action(manifest) == "injected" else None,
         "license": license_text,
         "license_source": license_source,
         "license_id": _license_id(license_text),
         "inject": _inject_facts(manifest, arch),
-        "head_choice": manifest.get("head_choice"),  # the realign stage's comparison, when the config asked for one
+        "head_choice": _head_choice(manifest.get("head_choice")),
         "arch": arch,
         "files": files,
         "has_layout": {layout: any(f["layout"] == layout for f in files) for layout in LAYOUT_PREFERENCE},
@@ -208,8 +212,8 @@ def card_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
         "hardware": hardware,
         "cpu_only": bool(hardware) and not hardware.get("gpu"),
         "toolchain": manifest.get("toolchain") or {},
-        "bench": as_table(manifest.get("bench")),
-        "quality": as_table(manifest.get("quality")),
+        "bench": _bench_rows(manifest.get("bench_details"), paths),
+        "quality": _quality_facts(manifest.get("quality_details"), paths),
         "gate": as_table(manifest.get("gate")),
         "gate_run": _gate_run(manifest.get("gate_details")),
         "hub_pairs": _hub_pairs(files, manifest.get("gate_details")),
@@ -220,6 +224,7 @@ def card_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
         "vision_without_mmproj": arch["parameters_vision"] > 0 and not any("mmproj" in f["path"] for f in files),
         "mmproj": pair["mmproj"],
         "image_smoke": _image_smoke(manifest.get("smoke") or []),
+        "acceptance": _head_acceptance(smoke_config, smoke),
     }
 
 
@@ -234,11 +239,26 @@ def _require(mapping: Mapping[str, Any], *keys: str, where: str) -> Any:
 
 
 def _source(manifest: Mapping[str, Any], role: str) -> dict[str, Any]:
-    """A fine-tune or donor: what was asked for (config) and what was fetched (inputs, with the full sha)."""
+    """A fine-tune or donor: what was asked for (config) and what was fetched (inputs, with the full sha).
+
+    ``name`` is the Hub repo id or, for a local folder, the folder's name alone, with ``digest`` (a sha256
+    over its files' names and sha256s) to tell which folder it was: where it sat on the publisher's machine is theirs
+    (a manifest from before named local folders by their full path; only the last part is shown).
+    ``mtp_layers``: the MTP layers the checkpoint's own config declares.
+    """
     asked = (manifest.get("config") or {}).get(role) or {}
     fetched = (manifest.get("inputs") or {}).get(role) or {}
-    return {"repo": fetched.get("repo") or asked.get("repo"), "label": fetched.get("label"),
-            "revision": fetched.get("revision"), "license": fetched.get("license")}
+    repo = fetched.get("repo") or asked.get("repo")
+    local = fetched.get("label") or asked.get("path")
+    # PureWindowsPath splits at both / and \, whichever machine wrote the manifest.
+    return {"repo": repo, "name": repo or (PureWindowsPath(local).name if local else None),
+            "revision": fetched.get("revision"), "digest": fetched.get("digest"), "license": fetched.get("license"),
+            "mtp_layers": fetched.get("mtp_layers")}
+
+
+def _inject_action(manifest: Mapping[str, Any]) -> str | None:
+    """How the release got its head: "injected" (from the donor), "passthrough" (its own) or "no-head"."""
+    return (manifest.get("inject") or {}).get("action")
 
 
 def _license(manifest: Mapping[str, Any]) -> tuple[str | None, str | None]:
@@ -322,6 +342,7 @@ def _file_rows(manifest: Mapping[str, Any], arch: Mapping[str, Any]) -> list[dic
     model = recommended_model(files)
     head = head_of(model, files) if model else None
     picked = {id(f) for f in (model, head) if f is not None}
+    headless = _inject_action(manifest) == "no-head"
     rows = []
     for f in files:
         role, layout = f.get("role"), f.get("layout")
@@ -333,7 +354,9 @@ def _file_rows(manifest: Mapping[str, Any], arch: Mapping[str, Any]) -> list[dic
         path = f.get("path") or _require(f, "name", where="manifest files[]")
         rows.append({
             "path": path, "name": f.get("name") or PurePosixPath(path).name, "layout": layout, "role": role,
-            "kind": FILE_KINDS.get((layout, role)), "quant": f.get("quant"), "size": size, "sha256": f.get("sha256"),
+            # Without a head there is no trunk/head split: each model file is simply the model.
+            "kind": "plain" if headless and role == "model" else FILE_KINDS.get((layout, role)),
+            "quant": f.get("quant"), "size": size, "sha256": f.get("sha256"),
             "bits_per_weight": size * 8 / parameters if size is not None and parameters else None,
             "head_tensor_types": sorted({str(t).upper() for t in f.get("head_tensor_types") or []}),
             "recommended": id(f) in picked,
@@ -362,7 +385,8 @@ def _usage(target: str, config_file: str, pair: dict[str, dict[str, Any] | None]
     if model is not None:
         hub = ["-hf", f"{target}:{model['quant']}"]
         commands |= {"server_hub_mtp": ["llama-server", *hub, *mtp], "server_hub_plain": ["llama-server", *hub],
-                     "cli_hub_mtp": ["llama-cli", *hub, *mtp], "cli_hub_plain": ["llama-cli", *hub]}
+                     "cli_hub_mtp": ["llama-cli", *hub, *mtp], "cli_hub_plain": ["llama-cli", *hub],
+                     "download_model": ["hf", "download", target, model["path"], "--local-dir", "."]}
     if trunk:
         commands["download_trunk"] = ["hf", "download", target, trunk["path"], "--local-dir", "."]
     if trunk and head:
@@ -416,9 +440,8 @@ def _layout_folders(files: list[dict[str, Any]]) -> dict[str, str]:
     return {f["layout"]: str(PurePosixPath(f["path"]).parent).removeprefix(".") for f in files if f["layout"]}
 
 
-def _smoke_rows(manifest: Mapping[str, Any], files: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Smoke records name files by layout and file name; the card shows their paths in the repo."""
-    paths = {(f["layout"], f["name"]): f["path"] for f in files}
+def _smoke_rows(manifest: Mapping[str, Any], paths: Mapping[tuple[Any, Any], str]) -> list[dict[str, Any]]:
+    """The smoke records, each ratio computed from the figures its row shows."""
     rows = []
     for s in manifest.get("smoke") or []:
         plain, mtp = _numeric(s.get("tokens_per_second_plain")), _numeric(s.get("tokens_per_second_mtp"))
@@ -427,10 +450,103 @@ def _smoke_rows(manifest: Mapping[str, Any], files: list[dict[str, Any]]) -> lis
             "file": paths.get((layout, s.get("model")), s.get("model")),
             "head": paths.get((layout, s.get("head")), s.get("head")), "identical": s.get("tokens_identical"),
             "n_predict": s.get("n_predict"), "draft_n_max": s.get("draft_n_max"), "drafted": s.get("drafted"),
-            "accepted": s.get("accepted"), "acceptance": s.get("acceptance"), "tps_plain": plain, "tps_mtp": mtp,
-            "speedup": mtp / plain if plain and mtp is not None else None,
+            "accepted": s.get("accepted"), "acceptance": _fraction(s.get("accepted"), s.get("drafted")),
+            "tps_plain": plain, "tps_mtp": mtp, "speedup": ratio_as_shown(mtp, plain, "decimal"),
         })
     return rows
+
+
+def _bench_rows(details: list[Mapping[str, Any]] | None, paths: Mapping[tuple[Any, Any], str]
+                ) -> list[dict[str, Any]]:
+    """One row per benchmarked file and configuration (plain first), with every ratio computed here from the
+    figures the row shows: acceptance from the counts, the speedup from the two tokens/s as the card rounds them.
+
+    ``alpha`` is the per-position acceptance the bench estimated from the pooled counts; the bound comes from it.
+    A manifest from before that estimate computed its bound from the pooled rate, which is wrong for draft
+    lengths above 1: that bound is not shown.
+    """
+    rows = []
+    for result in details or []:
+        file = paths.get((result.get("layout"), result.get("model")), result.get("model"))
+        plain_tg = None
+        for config in result.get("configs") or []:
+            overall, k = config.get("overall") or {}, config.get("draft_n_max") or 0
+            tg, pp = overall.get("generation_per_second") or {}, overall.get("prompt_per_second") or {}
+            if not k:
+                plain_tg = tg.get("median")
+            rows.append({
+                "file": file, "config": config.get("config"), "draft_n_max": k, "tg": tg.get("median"),
+                "tg_iqr": tg.get("iqr"), "pp": pp.get("median"), "drafted": overall.get("drafted"),
+                "accepted": overall.get("accepted"), "acceptance": _fraction(overall.get("accepted"),
+                                                                             overall.get("drafted")),
+                "alpha": overall.get("acceptance_per_position"),
+                "bound": overall.get("acceptance_bound") if "acceptance_per_position" in overall else None,
+                "speedup": ratio_as_shown(tg.get("median"), plain_tg, "decimal") if k else None,
+                "same_tokens": config.get("matches_plain")})
+    return rows
+
+
+def _quality_facts(details: Mapping[str, Any] | None, paths: Mapping[tuple[Any, Any], str]) -> dict[str, Any] | None:
+    """Perplexity and KL-divergence per file, BF16 first. The ratio divides each file's perplexity by BF16's, both
+    as the card shows them; llama-perplexity's own ratio divides by BF16's perplexity recomputed from a 16-bit
+    copy of its log-probabilities, which can disagree with the two figures beside it, so the card leaves it out."""
+    if not details:
+        return None
+    quants = details.get("quants") or []
+    base_layout = quants[0].get("layout") if quants else None
+    base = (details.get("base_ppl") or {}).get("value")
+    rows = [{"file": paths.get((base_layout, details.get("base_model")), details.get("base_model")), "quant": "BF16",
+             "ppl": details.get("base_ppl") or {}, "ratio": ratio_as_shown(base, base, "figure"), "reference": True}]
+    for q in quants:
+        rows.append({"file": paths.get((q.get("layout"), q.get("model")), q.get("model")), "quant": q.get("quant"),
+                     "ppl": q.get("ppl") or {}, "ratio": ratio_as_shown((q.get("ppl") or {}).get("value"), base,
+                                                                         "figure"),
+                     "kld_mean": q.get("kld_mean") or {}, "kld_median": q.get("kld_median"),
+                     "kld_p99": q.get("kld_p99"), "same_top_p": (q.get("same_top_p") or {}).get("value"),
+                     "reference": False})
+    return {"rows": rows, "calibration": details.get("calibration"), "ctx_size": details.get("ctx_size"),
+            "chunks": details.get("chunks"), "tokens_scored": details.get("tokens_scored")}
+
+
+def _head_choice(choice: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The realign stage's comparison, when the config asked for one; each head's acceptance from the counts
+    the card shows beside it."""
+    if not choice:
+        return None
+    return {**choice, **{role: {**choice[role], "acceptance": _fraction(choice[role].get("accepted"),
+                                                                         choice[role].get("drafted"))}
+                         for role in ("copied", "realigned") if choice.get(role)}}
+
+
+def _fraction(part: Any, whole: Any) -> float | None:
+    """part ÷ whole of two counts (accepted ÷ drafted); None when nothing was counted."""
+    part, whole = _numeric(part), _numeric(whole)
+    return part / whole if part is not None and whole else None
+
+
+def ratio_as_shown(numerator: Any, denominator: Any, kind: str) -> float | None:
+    """numerator ÷ denominator as a reader of the card computes it: each rounded as the card shows it
+    (NUMBER_FORMATS[kind]), so a ratio never contradicts the two figures beside it, however they round."""
+    numerator, denominator = _numeric(numerator), _numeric(denominator)
+    if numerator is None or denominator is None:
+        return None
+    shown_numerator, shown_denominator = (float(NUMBER_FORMATS[kind](x).replace(",", ""))
+                                          for x in (numerator, denominator))
+    return shown_numerator / shown_denominator if shown_denominator else None
+
+
+def _head_acceptance(smoke_config: Mapping[str, Any], smoke: list[dict[str, Any]]) -> dict[str, Any]:
+    """The head's smoke-test acceptance (accepted ÷ drafted, from the manifest's counts) against the floor the
+    release was held to. ``working``: every file that ran with a head was measured and met the floor."""
+    floor = smoke_config.get("min_acceptance")
+    if floor is None:  # a manifest from before the floor was recorded is held to today's default
+        floor = SmokeSpec.model_fields["min_acceptance"].default
+    with_head = [row for row in smoke if row["identical"] is not None]  # None: the file ran without a head
+    measured = [(row["accepted"] / row["drafted"], row["file"]) for row in with_head
+                if row["drafted"] and row["accepted"] is not None]
+    lowest, lowest_file = min(measured, default=(None, None))
+    return {"floor": floor, "lowest": lowest, "lowest_file": lowest_file,
+            "working": bool(with_head) and len(measured) == len(with_head) and lowest >= floor}
 
 
 def _image_smoke(smoke: list[Mapping[str, Any]]) -> dict[str, Any] | None:
@@ -605,6 +721,8 @@ NUMBER_FORMATS: dict[str, Callable[[Any], str]] = {
     "percent": lambda n: f"{100 * n:.1f}%",
     "share": lambda n: f"{100 * n:.2f}%",
     "times": lambda n: f"{n:.2f}×",
+    "figure": lambda n: f"{n:.6g}",  # a measurement at llama-perplexity's precision, whatever its magnitude
+    "ratio": lambda n: f"{n:.4f}",
     "bits": lambda n: f"{n:.2f}",
     "size": human_size,
     "params": human_parameters,
@@ -646,7 +764,7 @@ def _filters(words: Mapping[str, str]) -> dict[str, Callable[..., Safe]]:
         return code(value if value is None else str(value)[:SHORT_SHA])
 
     def hub_link(repo: Any, revision: Any = None) -> Safe:
-        """A link to the repo on the Hub; text when it is not a repo id (a local path), or "not recorded"."""
+        """A link to the repo on the Hub; text when it is not a repo id (a local folder's name), or "not recorded"."""
         url = hub_url(repo, revision)
         return Safe(f"[{escape_markdown(repo)}]({url})") if url else text_or(repo)
 

@@ -2,7 +2,10 @@
 
 From the Hub only what conversion needs is downloaded (safetensors, configs, tokenizer,
 chat template, vision preprocessor), at the commit the revision resolved to, so a rerun
-fetches the same bytes. The head's presence is read from remote safetensors headers first.
+fetches the same bytes. The head's presence is read from remote safetensors headers first, and a
+checkpoint that ships only pickles or asks for remote code is refused from its file listing and
+config.json, before any weight is downloaded. Hub failures become ModelError (the repo or revision
+does not exist for this token) or HubRequestError (retried when transient).
 """
 
 from __future__ import annotations
@@ -10,8 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx2
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
 from mtpress.checkpoint import PICKLE_SUFFIXES, ModelDir
-from mtpress.errors import ModelError
+from mtpress.errors import HubRequestError, ModelError
 from mtpress.hub.client import hub_api
 from mtpress.schema import Source
 
@@ -52,10 +63,30 @@ def fetch(source: Source, cache_dir: Path) -> ModelDir:
         if not source.path.is_dir():
             raise ModelError(f"{source.path}: not a directory", hint="check `path:` in the release config")
         return ModelDir(source.path, source.label)
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import hf_hub_download, snapshot_download
 
-    remote = probe(source)
     api = hub_api()
-    path = snapshot_download(repo_id=source.repo, revision=remote.revision, allow_patterns=list(ALLOW_PATTERNS),
-                             cache_dir=str(cache_dir), endpoint=api.endpoint, token=api.token)
-    return ModelDir(Path(path), f"{source.repo}@{remote.revision[:12]}", remote.revision)
+    try:
+        remote = probe(source)  # refuses a pickle-only repo from its file listing
+        label = f"{source.repo}@{remote.revision[:12]}"
+        if "config.json" not in remote.files:
+            raise ModelError(f"{label}: no config.json in the repo", hint="point at a Hugging Face checkpoint repo")
+        # config.json alone first (snapshot_download then finds it in the cache): reading it refuses a checkpoint
+        # that asks for remote code (ModelDir.config), before a single weight byte moves.
+        config = hf_hub_download(source.repo, "config.json", revision=remote.revision, cache_dir=str(cache_dir),
+                                 endpoint=api.endpoint, token=api.token)
+        _ = ModelDir(Path(config).parent, label).config
+        path = snapshot_download(repo_id=source.repo, revision=remote.revision, allow_patterns=list(ALLOW_PATTERNS),
+                                 cache_dir=str(cache_dir), endpoint=api.endpoint, token=api.token)
+    except RepositoryNotFoundError as e:
+        raise ModelError(f"{source.label}: no such model repo on {api.endpoint}, or the token cannot read it",
+                         hint="check the repo id in the release config, and HF_TOKEN if the repo is private or "
+                              "gated") from e
+    except RevisionNotFoundError as e:
+        raise ModelError(f"{source.label}: {source.repo} has no revision {source.revision!r}",
+                         hint="name a branch, tag or commit of the repo in the release config") from e
+    except (HfHubHTTPError, LocalEntryNotFoundError, httpx2.TransportError) as e:
+        raise HubRequestError(f"reading {source.label} from {api.endpoint} failed: {str(e).splitlines()[0]}",
+                              hint="server errors and dropped connections are retried; if it persists, check "
+                                   "HF_ENDPOINT, the network and HF_TOKEN") from e
+    return ModelDir(Path(path), label, remote.revision)

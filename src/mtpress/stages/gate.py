@@ -3,7 +3,8 @@
 For every trunk quant at the repo root, llama.cpp's own downloader (``llama-server -hf repo:TAG``)
 runs once without and once with ``--spec-type draft-mtp``: the files it picked (read from the paths
 it loaded, inside its private cache) must be the intended trunk, head and mmproj, at the intended
-commit; the greedy tokens must equal the smoke test's; drafts must have been proposed. Then
+commit; the greedy tokens must equal the smoke test's; drafts must have been proposed, and accepted at
+least as often as ``smoke.min_acceptance`` asks (the smoke test's floor, on the gate's shorter run). Then
 ``huggingface_hub.snapshot_download`` of the commit must reproduce every sha256 the manifest lists.
 
 llama.cpp b11434's ``-hf`` takes no revision: it resolves the ``main`` branch through
@@ -30,7 +31,7 @@ from mtpress.errors import GateError, ToolFailedError
 from mtpress.fsutil import sha256_file
 from mtpress.manifest import MANIFEST
 from mtpress.schema import GateSpec, SmokeSpec
-from mtpress.stages.smoke import Generation, greedy_request, parse_generation
+from mtpress.stages.smoke import Generation, greedy_request, parse_generation, require_acceptance
 from mtpress.toolchain import LlamaCpp
 from mtpress.toolchain.server import llama_server
 
@@ -40,6 +41,9 @@ SNAPSHOT_CLIENT = "huggingface_hub snapshot_download"
 NOT_A_MODEL = ("mmproj", "imatrix", "mtp-", "eagle3-", "dflash-", "dspark-")
 SPLIT = re.compile(r"-\d{5}-of-\d{5}$", re.IGNORECASE)
 TAG = re.compile(r"[-.]([A-Z0-9_]+)$", re.IGNORECASE)
+INVALID_TOKEN = "invalid token, authentication disabled"  # common/hf-cache.cpp, then it reads anonymously
+CAUSE = re.compile(r"invalid token|error|failed|not found|HTTP [45]\d\d|status[ :]+[45]\d\d", re.IGNORECASE)
+GENERIC_EXIT = re.compile(r"exiting due to|srv\s+operator\(\)|^main: ", re.IGNORECASE)
 LOADED = re.compile(r"snapshots/([0-9a-f]{40})/(\S+?\.gguf)")  # a file in llama.cpp's cache, at its commit
 
 
@@ -151,7 +155,8 @@ def check_branch_head(api: HfApi, repo: str, commit: str) -> None:
 
 def gate(api: HfApi, repo: str, commit: str, pairings: Sequence[Pairing], sha256: Mapping[str, str],
          tools: LlamaCpp, smoke: SmokeSpec, spec: GateSpec, work_dir: Path) -> GateResult:
-    """Run both clients against ``repo`` at ``commit``; raise GateError naming the file and the client."""
+    """Run both clients against ``repo`` at ``commit``; raise GateError naming the file and the client, or
+    DeadHeadError when llama.cpp accepts fewer drafts than ``smoke.min_acceptance``."""
     if not pairings:
         raise GateError(f"{repo}@{commit[:12]}: no model GGUF at the repo root, so `-hf {repo}:TAG` finds nothing",
                         hint="the first layout of a release sits at the root; check the repo's files")
@@ -160,13 +165,15 @@ def gate(api: HfApi, repo: str, commit: str, pairings: Sequence[Pairing], sha256
     runs = []
     # One cache for every run: each file is downloaded once, and a run's picks are read from the paths
     # it loaded, which the shared cache does not blur.
-    with tempfile.TemporaryDirectory(prefix="gate-llama-cache-", dir=work_dir) as cache:
+    # Named *.partial, like every scratch folder: what a killed run leaves here, the next run removes.
+    with tempfile.TemporaryDirectory(prefix="gate-llama-cache-", suffix=".partial", dir=work_dir) as cache:
         for pairing in pairings:
             plain = _run(tools, api, repo, pairing, smoke, spec, Path(cache), mtp=False)
             want = n_predict(pairing, spec)
-            runs.append(_check(repo, commit, pairing, plain, tools.version, want, reference=None))
+            runs.append(_check(repo, commit, pairing, plain, tools.version, want, smoke, reference=None))
             with_mtp = _run(tools, api, repo, pairing, smoke, spec, Path(cache), mtp=True)
-            runs.append(_check(repo, commit, pairing, with_mtp, tools.version, want, reference=plain[0].tokens))
+            runs.append(_check(repo, commit, pairing, with_mtp, tools.version, want, smoke,
+                               reference=plain[0].tokens))
     check_branch_head(api, repo, commit)  # main did not move while the clients read it
     snapshot = check_snapshot(api, repo, commit, sha256, work_dir)
     return GateResult(repo, commit, tuple(runs), snapshot, dict(sha256))
@@ -190,11 +197,22 @@ def _run(tools: LlamaCpp, api: HfApi, repo: str, pairing: Pairing, smoke: SmokeS
             model_path = requests.get(f"{server.url}/props", timeout=30).json().get("model_path", "")
             log = server.log_path.read_text(errors="replace")
     except ToolFailedError as e:
-        raise GateError(f"trunk {pairing.trunk}: {LLAMA_CPP_CLIENT} {' '.join(request[1:])} did not serve: "
-                        f"{e.output_tail.strip().splitlines()[-1] if e.output_tail.strip() else 'no output'}",
-                        hint="the repo or a file it should pick is missing, or the token cannot read it") from e
+        cause = llama_cpp_cause(e.output_tail)
+        hint = ("llama.cpp ignores a token that is not 'hf_' and 34–253 letters or digits (is_valid_hf_token) and "
+                "reads anonymously, so a private repo answers 404: use a real Hub token" if INVALID_TOKEN in cause
+                else "the repo or a file it should pick is missing, or the token cannot read it")
+        raise GateError(f"trunk {pairing.trunk}: {LLAMA_CPP_CLIENT} {' '.join(request[1:])} did not serve: {cause}",
+                        hint=hint) from e
     loaded = list(dict.fromkeys(LOADED.findall(f"{model_path}\n{log}")))
     return parse_generation(body), loaded, request
+
+
+def llama_cpp_cause(output: str) -> str:
+    """What llama.cpp said went wrong: its warning and error lines (a refused token, an HTTP status, a missing
+    file), not the last line, which is its generic 'exiting due to model loading error'."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    causes = list(dict.fromkeys(line for line in lines if CAUSE.search(line) and not GENERIC_EXIT.search(line)))
+    return "; ".join(causes[:3]) if causes else (lines[-1] if lines else "no output")
 
 
 def n_predict(pairing: Pairing, spec: GateSpec) -> int:
@@ -203,7 +221,7 @@ def n_predict(pairing: Pairing, spec: GateSpec) -> int:
 
 
 def _check(repo: str, commit: str, pairing: Pairing, run: tuple[Generation, list[tuple[str, str]], list[str]],
-           version: str, want: int, *, reference: tuple[int, ...] | None) -> ClientRun:
+           version: str, want: int, smoke: SmokeSpec, *, reference: tuple[int, ...] | None) -> ClientRun:
     generation, loaded, request = run
     mtp = reference is not None
     what = f"trunk {pairing.trunk}: {LLAMA_CPP_CLIENT} {' '.join(request[1:])}"
@@ -240,6 +258,8 @@ def _check(repo: str, commit: str, pairing: Pairing, run: tuple[Generation, list
     if mtp and generation.drafted == 0:
         raise GateError(f"{what}: draft-mtp proposed no drafts with head {head or 'embedded'}",
                         hint="the head did not load or does not fit the trunk")
+    if mtp:
+        require_acceptance(f"{what} with head {head or 'embedded'}", generation.drafted, generation.accepted, smoke)
     return ClientRun(client=LLAMA_CPP_CLIENT, version=f"b{version}", request=" ".join(request), tag=pairing.tag,
                      mtp=mtp, commit=commit, trunk=trunk, head=head, mmproj=mmproj, intended_head=pairing.head,
                      tokens_compared=len(generation.tokens), tokens_match=True, drafted=generation.drafted,
@@ -248,7 +268,7 @@ def _check(repo: str, commit: str, pairing: Pairing, run: tuple[Generation, list
 
 def check_snapshot(api: HfApi, repo: str, commit: str, sha256: Mapping[str, str], work_dir: Path) -> SnapshotCheck:
     """snapshot_download of ``commit`` into an empty cache must reproduce every listed sha256."""
-    with tempfile.TemporaryDirectory(prefix="gate-snapshot-", dir=work_dir) as cache:
+    with tempfile.TemporaryDirectory(prefix="gate-snapshot-", suffix=".partial", dir=work_dir) as cache:
         folder = Path(huggingface_hub.snapshot_download(repo, revision=commit, cache_dir=cache, endpoint=api.endpoint,
                                                         token=api.token))
         for path, expected in sorted(sha256.items()):

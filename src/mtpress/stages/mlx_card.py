@@ -18,6 +18,7 @@ from mtpress.stages.card import (
     TEMPLATES_DIR,
     RenderedCard,
     _license,
+    _source,
     model_tree_front_matter,
     render_card_files,
     write_card,
@@ -39,14 +40,14 @@ def mlx_front_matter(manifest: Mapping[str, Any]) -> dict[str, Any]:
 
 def _facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
     pack, checks = manifest["pack"], manifest["checks"]
-    finetune = (manifest.get("inputs") or {}).get("finetune") or {}
     license_text, license_source = _license(manifest)
     return {
         "title": manifest["repo"].split("/", 1)[1],
         "repo": manifest["repo"],
         "gguf_repo": manifest.get("gguf_repo"),
-        "finetune": {key: finetune.get(key) for key in ("repo", "label", "revision")},
-        "donor": ((manifest.get("inputs") or {}).get("donor") or {}).get("repo"),
+        "finetune": _source(manifest, "finetune"),
+        # The pack's inputs record a donor only when its head was used.
+        "donor": _source(manifest, "donor")["name"] if (manifest.get("inputs") or {}).get("donor") else None,
         "pack": pack,
         "head_share": pack["head_bytes"] / pack["total_bytes"],
         "checks": checks,

@@ -4,6 +4,11 @@ The repo is made to match the folder: new and changed files are added, files the
 release no longer has are deleted, unchanged files are skipped by comparing content
 ids with the remote (sha256 for LFS files, the git blob id for small ones). A run
 with nothing changed makes no commit.
+
+The commit names the head it was planned on: when another writer moves the branch in between, the Hub answers
+412, nothing is committed and the run ends (PublishConflictError, never retried: a new plan would delete what
+they added). A public target is created private and opened by the step after its commit landed, so no failure
+leaves an empty public repo. ``check_write_access`` refuses a token that cannot publish before anything is built.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import httpx2
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+from huggingface_hub.lfs import post_lfs_batch_info
 
-from mtpress.errors import PublishError
+from mtpress.errors import PublishConflictError, PublishError
 from mtpress.fsutil import HASH_CHUNK, sha256_file
 from mtpress.schema import Target
 from mtpress.stages.gguf_files import GgufFile
@@ -38,6 +45,7 @@ class PublishPlan:
     repo: str
     parent_commit: str | None  # None: the repo does not exist yet
     files: tuple[PlannedFile, ...]
+    private: bool = True  # the repo's visibility now; one that does not exist yet is created private
 
     @property
     def changes(self) -> tuple[PlannedFile, ...]:
@@ -55,7 +63,7 @@ class PublishResult:
     commit: str
     committed: bool
     url: str
-    bytes_uploaded: int
+    bytes_uploaded: int  # what the commit sent: content the Hub already stored (pre-uploaded, deduplicated) is not
     plan: PublishPlan
 
 
@@ -88,32 +96,65 @@ def plan_publish(release_dir: Path, target: Target, api: HfApi) -> PublishPlan:
         planned.append(PlannedFile(repo_path, path.stat().st_size, status))
     planned += [PlannedFile(name, s.size or 0, "deleted") for name, s in remote.items()
                 if name not in local and name not in KEEP_REMOTE]
-    return PublishPlan(target.repo, info.sha, tuple(planned))
+    return PublishPlan(target.repo, info.sha, tuple(planned), bool(info.private))
+
+
+def check_write_access(api: HfApi, *targets: Target) -> None:
+    """Refuse, before anything is downloaded or built, a token that cannot publish every target: none, one the Hub
+    refuses, or one whose account (its user and organisations) does not hold the targets' namespaces."""
+    _require_token(api, ", ".join(t.repo for t in targets))
+    try:
+        me = api.whoami()
+    except HfHubHTTPError as e:
+        raise PublishError(f"the Hub at {api.endpoint} refuses the token: {_first_line(e)}",
+                           hint="set HF_TOKEN to a valid write token of the account the target belongs to; "
+                                "nothing was built or published") from e
+    namespaces = [me["name"], *(org["name"] for org in me.get("orgs") or [])]
+    if foreign := [t.repo for t in targets if t.repo.split("/")[0] not in namespaces]:
+        raise PublishError(f"the token's account {me['name']} cannot publish {', '.join(foreign)}: it writes only to "
+                           f"{', '.join(namespaces)}",
+                           hint="set target.repo under one of those namespaces, or use a token of an account that "
+                                "may write there; nothing was built or published")
 
 
 def publish(release_dir: Path, target: Target, api: HfApi, *, message: str, dry_run: bool = False) -> PublishResult:
-    """Make ``target.repo`` match ``release_dir`` in one commit; raise PublishError with nothing committed."""
-    if not api.token:
-        raise PublishError(f"no Hub token to publish {target.repo} with",
-                           hint="set HF_TOKEN (a write token) in the environment or a Prefect Secret block")
+    """Make ``target.repo`` match ``release_dir`` in one commit; raise PublishError with nothing committed (or,
+    when only opening the repo failed, naming the commit that landed).
+
+    A public target is made public only once its release is in it. One found private here is the leftover of a
+    run stopped between its commit and that step, and is opened after this commit (or at once if nothing changed).
+    """
+    _require_token(api, target.repo)
+    url = f"{api.endpoint}/{target.repo}"
     try:
         plan = plan_publish(release_dir, target, api)
-        url = f"{api.endpoint}/{target.repo}"
-        if dry_run or not plan.changes:
-            return PublishResult(target.repo, plan.parent_commit or "", False, url, 0, plan)
-        if plan.parent_commit is None:
-            api.create_repo(target.repo, private=target.private, exist_ok=True)
-            plan = plan_publish(release_dir, target, api)
-        local = release_files(release_dir)
-        operations = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=local[f.path])
-                      for f in plan.changes if f.status in ("new", "changed")]
-        operations += [CommitOperationDelete(path_in_repo=f.path) for f in plan.changes if f.status == "deleted"]
-        info = api.create_commit(target.repo, operations, commit_message=message, parent_commit=plan.parent_commit)
+        commit, sent = plan.parent_commit, 0
+        if not dry_run and plan.changes:
+            if plan.parent_commit is None:
+                api.create_repo(target.repo, private=True, exist_ok=True)
+                plan = plan_publish(release_dir, target, api)
+            local = release_files(release_dir)
+            additions = [_addition(f.path, local[f.path]) for f in plan.changes if f.status in ("new", "changed")]
+            sent = _bytes_to_send(api, target.repo, additions)
+            deletions = [CommitOperationDelete(path_in_repo=f.path) for f in plan.changes if f.status == "deleted"]
+            commit = api.create_commit(target.repo, [*additions, *deletions], commit_message=message,
+                                       parent_commit=plan.parent_commit).oid
     except HfHubHTTPError as e:
+        if e.response.status_code == 412:  # only the commit can answer it: the branch is no longer at the parent
+            raise PublishConflictError(
+                f"{target.repo} changed while publishing: the release was planned on commit {plan.parent_commit}, "
+                f"the branch is now at {_head(api, target.repo) or 'another commit'}; nothing was committed",
+                hint="another writer committed to the repo: look at what they changed, then rerun (with --dry-run "
+                     "first: the new plan deletes every file the release does not have)") from e
         raise PublishError(f"publishing {target.repo} failed, nothing was committed: {_first_line(e)}",
                            hint="check the token's write access and the endpoint (HF_ENDPOINT); rerun to retry") from e
-    uploaded = sum(f.size for f in plan.changes if f.status != "deleted")
-    return PublishResult(target.repo, info.oid, info.oid != plan.parent_commit, url, uploaded, plan)
+    except httpx2.TransportError as e:
+        raise PublishError(f"publishing {target.repo}: the connection to {api.endpoint} failed ({_first_line(e)}); a "
+                           "commit under way may or may not have landed",
+                           hint="rerun: it commits only what the repo still lacks") from e
+    if not dry_run and commit is not None and plan.private and not target.private:
+        _make_public(api, target.repo, commit)
+    return PublishResult(target.repo, commit or "", commit != plan.parent_commit, url, sent, plan)
 
 
 def preupload(files: Sequence[GgufFile], release_dir: Path, target: Target, api: HfApi) -> int:
@@ -139,6 +180,46 @@ def preupload(files: Sequence[GgufFile], release_dir: Path, target: Target, api:
         raise PublishError(f"pre-uploading to {target.repo} failed: {_first_line(e)}",
                            hint="nothing was committed; the commit sends these files itself") from e
     return sum(f.size for f in missing)
+
+
+def _require_token(api: HfApi, repo: str) -> None:
+    if not api.token:
+        raise PublishError(f"no Hub token to publish {repo} with",
+                           hint="set HF_TOKEN (a write token) in the environment or a Prefect Secret block")
+
+
+def _addition(repo_path: str, path: Path) -> CommitOperationAdd:
+    operation = CommitOperationAdd(path_in_repo=repo_path, path_or_fileobj=path)
+    operation.upload_info.sha256 = bytes.fromhex(sha256_file(path))  # memoised: huggingface_hub need not read it again
+    return operation
+
+
+def _bytes_to_send(api: HfApi, repo: str, additions: list[CommitOperationAdd]) -> int:
+    """What the commit will send: every added file except those whose content the Hub already stores (pre-uploaded
+    to this repo, or the same bytes elsewhere), which its LFS batch endpoint answers without an upload action.
+    A small text file travels inside the commit even when the Hub has its bytes: such a file is not counted."""
+    if not additions:
+        return 0
+    answers, _, _ = post_lfs_batch_info([a.upload_info for a in additions], token=api.token, repo_type="model",
+                                        repo_id=repo, endpoint=api.endpoint)
+    missing = {answer["oid"] for answer in answers if answer.get("actions")}
+    return sum(a.upload_info.size for a in additions if a.upload_info.sha256.hex() in missing)
+
+
+def _make_public(api: HfApi, repo: str, commit: str) -> None:
+    try:
+        api.update_repo_settings(repo, private=False)
+    except (HfHubHTTPError, httpx2.TransportError) as e:
+        raise PublishError(f"{repo}: the release is committed (commit {commit}) but the repo is still private: "
+                           f"{_first_line(e)}", hint="rerun to make it public (an unchanged release commits nothing), "
+                                                     "or make it public on the Hub") from e
+
+
+def _head(api: HfApi, repo: str) -> str | None:
+    try:
+        return api.repo_info(repo).sha
+    except (HfHubHTTPError, httpx2.TransportError):
+        return None  # the conflict is reported without it
 
 
 def _first_line(error: Exception) -> str:

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mtpress.errors import ConfigError, ToolchainError
 from mtpress.fsutil import sha256_file
@@ -31,6 +31,19 @@ CALIBRATION_RESOURCE = "data/calibration.txt"
 # llama-quantize refuses these without an importance matrix: they produce IQ2_S / IQ3_XXS tensors
 # (tensor_requires_imatrix in src/llama-quant.cpp).
 IMATRIX_REQUIRED = frozenset({"IQ2_M", "IQ3_XXS"})
+# llama-perplexity --kl-divergence prints no statistics at all below this many scored tokens
+# (tools/perplexity/perplexity.cpp, kl_divergence: "if (kld.count < 100) return;").
+MIN_SCORED_TOKENS = 100
+
+
+def scored_per_chunk(ctx_size: int) -> int:
+    """Tokens llama-perplexity scores in one chunk: the second half, less the last (it has no next token)."""
+    return ctx_size - 1 - ctx_size // 2
+
+
+def fewest_chunks(ctx_size: int) -> int:
+    """The fewest chunks of ``ctx_size`` tokens that llama-perplexity summarises."""
+    return -(-MIN_SCORED_TOKENS // scored_per_chunk(ctx_size))
 
 
 class QualitySpec(BaseModel):
@@ -56,6 +69,16 @@ class QualitySpec(BaseModel):
         if unknown:
             raise ValueError(f"not quant types that take an importance matrix: {', '.join(unknown)}")
         return value
+
+    @model_validator(mode="after")
+    def _enough_chunks(self) -> QualitySpec:
+        per_chunk, fewest = scored_per_chunk(self.ctx_size), fewest_chunks(self.ctx_size)
+        if self.chunks < fewest:
+            raise ValueError(
+                f"chunks: {self.chunks} chunk(s) of {self.ctx_size} tokens score {self.chunks * per_chunk} tokens, "
+                f"and llama-perplexity prints its KL-divergence statistics only from {MIN_SCORED_TOKENS} (it scores "
+                f"{per_chunk} per chunk, the second half less one): set chunks to at least {fewest}, or raise ctx_size")
+        return self
 
 
 @dataclass(frozen=True)
@@ -101,10 +124,16 @@ class QualityResult:
     notes: tuple[str, ...]
 
     def table(self) -> list[dict[str, Any]]:
-        """One row per file, BF16 first, for a Prefect table artifact or the card."""
-        rows = [{"file": self.base_model, "quant": "BF16", "PPL": _fmt(self.base_ppl), "PPL(Q)/PPL(base)": "1",
+        """One row per file, BF16 first, for a Prefect table artifact and the manifest.
+
+        The ratio is the quant's PPL over BF16's PPL as this table shows them. llama-perplexity's own
+        ``Mean PPL(Q)/PPL(base)`` (``ppl_ratio``) divides by BF16's perplexity recomputed from its 16-bit copy of
+        the log-probabilities, so it need not agree with the two PPLs beside it; it stays in the details.
+        """
+        rows = [{"file": self.base_model, "quant": "BF16", "PPL": _fmt(self.base_ppl), "PPL / BF16 PPL": "1",
                  "mean KLD": "0", "median KLD": "0", "99% KLD": "0", "same top p %": "100"}]
-        return rows + [{"file": q.model, "quant": q.quant, "PPL": _fmt(q.ppl), "PPL(Q)/PPL(base)": _fmt(q.ppl_ratio),
+        return rows + [{"file": q.model, "quant": q.quant, "PPL": _fmt(q.ppl),
+                        "PPL / BF16 PPL": f"{q.ppl.value / self.base_ppl.value:.6g}",
                         "mean KLD": _fmt(q.kld_mean), "median KLD": f"{q.kld_median:.6f}",
                         "99% KLD": f"{q.kld_p99:.6f}", "same top p %": _fmt(q.same_top_p)}
                        for q in self.quants]
@@ -136,6 +165,7 @@ def quality(bf16: GgufFile, quants: list[GgufFile], spec: QualitySpec, tools: Ll
         base_output = _run([perplexity, "-m", bf16.path, "-f", calibration, "--chunks", str(spec.chunks),
                             "--kl-divergence-base", base_logits, *window], spec, calibration)
         base_ppl, chunks = parse_base_run(base_output)
+        _check_enough_text(chunks, spec, calibration)
         base_logits_bytes = base_logits.stat().st_size
         results = tuple(
             parse_kl_run(_run([perplexity, "-m", q.path, "--kl-divergence-base", base_logits, "--kl-divergence",
@@ -151,10 +181,11 @@ def quality(bf16: GgufFile, quants: list[GgufFile], spec: QualitySpec, tools: Ll
         notes.append(f"The model is tagged {DEMO_TAG}: a tiny synthetic checkpoint whose perplexity on real text is "
                      "astronomically high; these figures exercise the pipeline and mean nothing for a real model.")
     return QualityResult(base_model=bf16.name, base_ppl=base_ppl,
+                         # A text of the publisher's own is named, not located: its path is private.
                          calibration=(f"mtpress/{CALIBRATION_RESOURCE}" if spec.calibration is None
-                                      else str(spec.calibration)),
+                                      else spec.calibration.name),
                          calibration_sha256=sha256_file(calibration), ctx_size=spec.ctx_size, chunks=chunks,
-                         tokens_scored=chunks * (spec.ctx_size - 1 - spec.ctx_size // 2),
+                         tokens_scored=chunks * scored_per_chunk(spec.ctx_size),
                          base_logits_bytes=base_logits_bytes, llama_cpp=tools.version, quants=results,
                          notes=tuple(notes))
 
@@ -182,6 +213,17 @@ def compute_imatrix(bf16: GgufFile, head: GgufFile | None, spec: QualitySpec, to
     if not out.is_file():
         raise ToolchainError(f"llama-imatrix exited without writing {out}")
     return out
+
+
+def _check_enough_text(chunks: int, spec: QualitySpec, calibration: Path) -> None:
+    """The schema guarantees enough chunks are asked for; a short text yields fewer (tokens // ctx_size), and
+    below MIN_SCORED_TOKENS every quant's run would end without statistics. Said before any quant runs."""
+    if chunks < fewest_chunks(spec.ctx_size):
+        raise ConfigError(str(calibration), [
+            f"too short for quality.ctx_size {spec.ctx_size}: it fills only {chunks} chunk(s) of {spec.ctx_size} "
+            f"tokens ({chunks * scored_per_chunk(spec.ctx_size)} scored tokens), and llama-perplexity summarises "
+            f"KL-divergence only from {MIN_SCORED_TOKENS} scored tokens ({fewest_chunks(spec.ctx_size)} chunks)"],
+            hint="use a longer calibration text, or raise quality.ctx_size")
 
 
 def _run(argv: list[Any], spec: QualitySpec, calibration: Path, cwd: Path | None = None) -> str:

@@ -310,7 +310,7 @@ def _post(url: str, endpoint: str, payload: dict, timeout: float) -> Any:
 
 
 def _source_label(path: Path | None) -> str:
-    return f"mtpress/{PROMPTS_RESOURCE}" if path is None else str(path)
+    return f"mtpress/{PROMPTS_RESOURCE}" if path is None else path.name  # never a path on the publisher's machine
 
 
 def _describe_data(path: Path) -> HiddenStates:

@@ -1,12 +1,14 @@
 """Load every produced file in llama.cpp and prove the head drafts without changing greedy output.
 
 For each model file: generate greedily without MTP, then with ``--spec-type draft-mtp``; the token
-sequences must be identical (the target verifies every draft) and drafts must have been proposed.
+sequences must be identical (the target verifies every draft), drafts must have been proposed, and at
+least ``min_acceptance`` of them accepted. Identical output proves the verifier, not the head: a head of
+the right shape with useless weights drafts, is never right, and only its acceptance shows it.
 
 With a vision projector (``--mmproj``), each of the two servers also answers a request carrying an
 image, under the same rules, and the text request proves text-only use still works on those files.
 In this llama.cpp the MTP head never sees image tokens (``draft-mtp`` skips batches of embeddings),
-so the draft figures that describe a release come from the text request.
+so the draft figures that describe a release, and the acceptance floor, come from the text request.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import base64
 from dataclasses import dataclass
 from importlib import resources
 
-from mtpress.errors import QualityGateError
+from mtpress.errors import DeadHeadError, QualityGateError
 from mtpress.schema import SmokeSpec
 from mtpress.stages.gguf_files import GgufFile
 from mtpress.toolchain import LlamaCpp
@@ -132,7 +134,8 @@ def server_args(model: GgufFile, head: GgufFile | None, *, mtp: bool, draft_n_ma
 
 def smoke(model: GgufFile, head: GgufFile | None, spec: SmokeSpec, tools: LlamaCpp,
           mmproj: GgufFile | None = None, threads: int | None = None) -> SmokeResult:
-    """Raise QualityGateError naming the file if output differs, is empty, or nothing was drafted.
+    """Raise QualityGateError naming the file if output differs, is empty, or nothing was drafted, and
+    DeadHeadError if fewer drafts than ``spec.min_acceptance`` were accepted.
 
     A file without a head (released without one) only has to generate: draft-mtp would refuse to start.
     ``threads``: llama-server's (default: every core); greedy tokens do not depend on it.
@@ -147,14 +150,16 @@ def smoke(model: GgufFile, head: GgufFile | None, spec: SmokeSpec, tools: LlamaC
         tools, server_args(model, head, mtp=True, draft_n_max=spec.draft_n_max, mmproj=mmproj), spec, image,
         threads)
     identical = plain.tokens == with_mtp.tokens
+    acceptance = with_mtp.accepted / with_mtp.drafted if with_mtp.drafted else None
     image_identical = plain_image.tokens == mtp_image.tokens if plain_image and mtp_image else None
     result = SmokeResult(
         model=model.name, head=head.name if head else None, quant=model.quant, layout=model.layout,
         n_predict=spec.n_predict, draft_n_max=spec.draft_n_max, tokens_identical=identical, tokens=plain.tokens,
         drafted=with_mtp.drafted, accepted=with_mtp.accepted,
-        acceptance=with_mtp.accepted / with_mtp.drafted if with_mtp.drafted else None,
+        acceptance=acceptance,
         tokens_per_second_plain=plain.predicted_per_second, tokens_per_second_mtp=with_mtp.predicted_per_second,
-        passed=identical and with_mtp.drafted > 0 and len(plain.tokens) == spec.n_predict
+        passed=identical and acceptance is not None and acceptance >= spec.min_acceptance
+        and len(plain.tokens) == spec.n_predict
         and (mtp_image is None or (bool(image_identical) and mtp_image.drafted > 0)),
         mmproj=mmproj.name if mmproj else None, image_tokens_identical=image_identical,
         image_tokens=plain_image.tokens if plain_image else (), image_drafted=mtp_image.drafted if mtp_image else None,
@@ -168,6 +173,9 @@ def smoke(model: GgufFile, head: GgufFile | None, spec: SmokeSpec, tools: LlamaC
     if with_mtp.drafted == 0:
         raise QualityGateError(f"smoke {model.name}: draft-mtp proposed no drafts",
                                hint="the MTP head was not loaded; check the file carries it (nextn layers)")
+    require_acceptance(f"smoke {model.name}" + (f" + {head.name}" if head else ""), with_mtp.drafted,
+                       with_mtp.accepted, spec)
+    # The image request's acceptance has no floor: in this llama.cpp the head never sees image tokens.
     if plain_image and mtp_image:
         if len(plain_image.tokens) != spec.n_predict:
             raise QualityGateError(f"smoke {model.name} with {mmproj.name}: the image request generated "
@@ -179,3 +187,19 @@ def smoke(model: GgufFile, head: GgufFile | None, spec: SmokeSpec, tools: LlamaC
             raise QualityGateError(f"smoke {model.name} with {mmproj.name}: draft-mtp proposed no drafts after "
                                    "the image", hint="the head was not loaded beside the vision projector")
     return result
+
+
+def require_acceptance(what: str, drafted: int, accepted: int, spec: SmokeSpec) -> None:
+    """DeadHeadError naming ``what`` when ``accepted ÷ drafted`` (at ``spec.draft_n_max``) is below
+    ``spec.min_acceptance``.
+
+    ``drafted`` must be > 0: no drafts at all is another fault (the head did not load), refused before this.
+    """
+    acceptance = accepted / drafted
+    if acceptance < spec.min_acceptance:
+        raise DeadHeadError(
+            f"{what}: draft-mtp acceptance {acceptance:.3g} ({accepted} of {drafted} drafted tokens accepted at "
+            f"draft length {spec.draft_n_max}) is below smoke.min_acceptance {spec.min_acceptance:g}",
+            hint="the head loads but does not predict this model, so it would only cost time: take it from "
+                 "another donor (the fine-tune's own base model), or re-align it on the fine-tune "
+                 "(head: {source: realign} or {source: best})")

