@@ -13,20 +13,19 @@ from pathlib import Path
 
 from prefect import task
 
-from flows.cache import StageCache, cache_key
 from mtpress.archs.base import ArchSpec
+from mtpress.cache import StageCache, cache_key
 from mtpress.checkpoint import ModelDir
-from mtpress.manifest import hardware, read_manifest, write_manifest
-from mtpress.schema import ReleaseConfig, Target
+from mtpress.manifest import PackManifest, hardware, jsonable, write_manifest
+from mtpress.naming import default_mlx_repo, mlx_folder, mlx_release_name
+from mtpress.schema import MlxSpec, ReleaseConfig, Target
 from mtpress.stages.card import write_card
 from mtpress.stages.export_mlx import (
     CONTRACT_FILE,
     UNVERIFIED,
     MlxChecks,
     MlxPack,
-    MlxSpec,
     check_mlx,
-    default_mlx_repo,
     export_mlx,
     pack_manifest,
 )
@@ -59,7 +58,7 @@ def build_mlx_pack(cfg: ReleaseConfig, model: ModelDir, arch: ArchSpec, release_
     """Export (cached on the checkpoint's content), check (cached on the pack's bytes), write manifest and card."""
     assert cfg.mlx is not None
     tools = mlx_tools_task()
-    folder = Path(f"{release_dir}-MTPLX")
+    folder = mlx_folder(release_dir)
     spec = cfg.mlx
     # Only what shapes the pack's bytes: a change to the checks' settings reuses the export.
     shape = spec.model_dump(include={"bits", "group_size", "head_dtype", "mtp_depth_max"})
@@ -89,11 +88,11 @@ def write_pack_documents(folder: Path, pack: MlxPack, checks: MlxChecks, *, rele
     """The pack's manifest.json and bilingual card; returns the pack's facts."""
     contract = json.loads((folder / CONTRACT_FILE).read_text(encoding="utf-8"))
     facts = pack_manifest(pack, checks, contract)
-    write_manifest(folder, {
-        "release": f"{release}-MTPLX", "repo": repo, "gguf_repo": gguf_repo,
-        "config": {"target": {"license": license}, "mlx": spec.model_dump(mode="json")},
-        "inputs": inputs, "mlx_tools": tools, "hardware": hardware(), "pack": facts, "checks": checks,
-        "unverified_level": UNVERIFIED, "verification": contract.get("verification"), "stage_seconds": seconds,
-    })
-    write_card(folder, render_mlx_card(read_manifest(folder)))
+    manifest = PackManifest(
+        release=mlx_release_name(release), repo=repo, gguf_repo=gguf_repo,
+        config={"target": {"license": license}, "mlx": spec.model_dump(mode="json")},
+        inputs=inputs, mlx_tools=tools, hardware=hardware(), pack=facts, checks=jsonable(checks),
+        unverified_level=UNVERIFIED, verification=contract.get("verification"), stage_seconds=seconds)
+    write_manifest(folder, manifest)
+    write_card(folder, render_mlx_card(manifest))
     return facts

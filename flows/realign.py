@@ -31,23 +31,24 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runtime import deployment as current_deployment
 from prefect.runtime import flow_run as current_flow_run
 
-from flows.cache import StageCache, cache_key
 from flows.secrets import use_token_from_secret
-from flows.stage_keys import convert_key
 from flows.tasks import bench_task, convert_task, fetch_task, inject_task
 from mtpress.archs import get_arch
 from mtpress.archs.base import ArchSpec
+from mtpress.cache import StageCache, cache_key
 from mtpress.checkpoint import ModelDir
 from mtpress.concurrency import occupy
 from mtpress.errors import ModelError, PublishError, RemoteRunError, TrunkMismatchError
 from mtpress.fsutil import dir_digest, sha256_file
 from mtpress.hub.client import hub_api
 from mtpress.manifest import jsonable
-from mtpress.schema import ReleaseConfig, Source
-from mtpress.stages import bench, realign
+from mtpress.naming import layout_dir
+from mtpress.schema import BenchSpec, HeadSpec, ReleaseConfig, Source
+from mtpress.stage_keys import convert_key
+from mtpress.stages import realign
 from mtpress.stages.gguf_files import GgufFile
 from mtpress.stages.inject import HEAD_SHARD, InjectResult
-from mtpress.stages.realign import HeadSpec, HiddenStates, RealignResult
+from mtpress.stages.realign import HiddenStates, RealignResult
 from mtpress.toolchain import LlamaCpp, resolve_toolchain
 
 collect_task = task(realign.collect_hidden_states, name="collect-hidden-states")
@@ -105,8 +106,7 @@ def choose_head(cfg: ReleaseConfig, injected: InjectResult, arch: ArchSpec, tool
     if injected.action == "no-head":
         raise ModelError(f"head.source: {spec.source} re-aligns a head, and {injected.model.label} has none",
                          hint="set `donor:` to the fine-tune's base model; its head is the starting point")
-    out_dir = release_dir if cfg.layouts[0] == "sidecar" else release_dir / "sidecar" if "sidecar" in cfg.layouts \
-        else work / "sidecar"
+    out_dir = layout_dir(release_dir, "sidecar", cfg.layouts) if "sidecar" in cfg.layouts else work / "sidecar"
 
     trunk, copied_head = _convert_copied(cfg.name, injected.model, arch, tools, cache, work)
     copied = _measure(cfg, cache, tools, trunk, copied_head)
@@ -320,7 +320,7 @@ def _measure(cfg: ReleaseConfig, cache: StageCache, tools: LlamaCpp, trunk: Gguf
                            per_repetition=tuple(per_repetition))
 
 
-def _bench_occupying(trunk: GgufFile, head: GgufFile, spec: bench.BenchSpec, tools: LlamaCpp) -> Any:
+def _bench_occupying(trunk: GgufFile, head: GgufFile, spec: BenchSpec, tools: LlamaCpp) -> Any:
     with occupy("bench-gpu"):
         return bench_task(trunk, head, spec, tools)
 

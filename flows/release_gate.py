@@ -15,9 +15,9 @@ from huggingface_hub import HfApi
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
-from flows.cache import StageCache, cache_key
 from flows.retries import retry_if_transient
-from mtpress.manifest import read_manifest, write_manifest
+from mtpress.cache import StageCache, cache_key
+from mtpress.manifest import jsonable, read_manifest, write_manifest
 from mtpress.schema import ReleaseConfig
 from mtpress.stages.card import render_card, write_card
 from mtpress.stages.gate import GateResult, gate, pairings_from_manifest
@@ -40,7 +40,7 @@ def stage_and_verify(release_dir: Path, cfg: ReleaseConfig, tools: LlamaCpp, api
              "new commit" if staged.committed else "unchanged")
     manifest = read_manifest(release_dir)
     pairings = pairings_from_manifest(manifest)
-    sha256 = {f["path"]: f["sha256"] for f in manifest["files"]}
+    sha256 = manifest.sha256_by_path()
     # A commit never changes: the same commit checked by the same llama.cpp with the same settings gives
     # the same result, so a rerun reuses it and the manifest, and the target, stay as they are.
     key = cache_key(staged.repo, staged.commit, pairings, sha256, cfg.smoke.model_dump(mode="json"),
@@ -52,9 +52,10 @@ def stage_and_verify(release_dir: Path, cfg: ReleaseConfig, tools: LlamaCpp, api
                  run.request, run.trunk, run.head or "its own head", run.tokens_compared, run.drafted, run.accepted)
     log.info("gate passed on %s@%s: %d llama.cpp -hf runs, %d files reproduced by snapshot_download",
              result.repo, result.commit[:12], len(result.runs), result.snapshot.files_checked)
-    write_manifest(release_dir, {**manifest, "gate": result.table(), "gate_details": result,
-                                 "stage_seconds": cache.seconds})
-    write_card(release_dir, render_card(read_manifest(release_dir)))
+    manifest = manifest.model_copy(update={"gate": result.table(), "gate_details": jsonable(result),
+                                           "stage_seconds": cache.seconds})
+    write_manifest(release_dir, manifest)
+    write_card(release_dir, render_card(manifest))
     create_table_artifact(key=artifact_key, table=result.table(),
                           description=f"release gate on the staged commit {result.commit[:12]}: files each client "
                                       "picked, tokens against the smoke test, drafts")

@@ -58,13 +58,13 @@ def test_the_floor_is_a_share_between_a_dead_heads_and_a_real_ones():
 
 
 def test_the_card_calls_the_head_working_only_when_every_file_met_the_floor():
-    from mtpress.stages.card import render_card
+    from tests.test_card import card_of
 
     manifest = json.loads(SAMPLE.read_text(encoding="utf-8"))
     manifest["config"]["smoke"]["min_acceptance"] = 0.6
 
     def first_lines(m: dict) -> tuple[str, str]:
-        files = render_card(m).files
+        files = card_of(m).files
         english = next(line for line in files["README.md"].splitlines() if line.startswith("GGUF files of"))
         chinese = next(line for line in files["README_zh.md"].splitlines() if line.startswith("本仓库提供"))
         return english, chinese

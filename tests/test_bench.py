@@ -8,9 +8,9 @@ from pydantic import ValidationError
 
 from mtpress.errors import ConfigError, ToolchainError
 from mtpress.manifest import jsonable
+from mtpress.schema import BenchSpec
 from mtpress.stages.bench import (
     BenchPrompt,
-    BenchSpec,
     Sample,
     acceptance_bound,
     figures_for,

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from flows.cache import StageCache, cache_key
+from mtpress.cache import StageCache, cache_key
 from mtpress.stages.gguf_files import GgufFile
 
 
@@ -154,9 +154,10 @@ def test_every_stage_the_flows_cache_names_its_code():
 
     import pytest
 
-    from flows.cache import STAGE_CODE
+    from mtpress.cache import STAGE_CODE
 
-    sources = "".join(p.read_text() for p in Path(__file__).parents[1].joinpath("flows").glob("*.py"))
+    root = Path(__file__).parents[1]
+    sources = "".join(p.read_text() for p in [*(root / "flows").glob("*.py"), *(root / "src").rglob("*.py")])
     used = set(re.findall(r'cache\.(?:run|lookup)\(\s*"(\w+)"', sources))
     assert used and used <= set(STAGE_CODE)
     with pytest.raises(KeyError, match="STAGE_CODE"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard, ModelCardData
 
-from mtpress.manifest import jsonable, write_manifest
+from mtpress.manifest import Manifest, jsonable, write_manifest
 from mtpress.stages.bench import (
     BenchResult,
     ConfigResult,
@@ -22,6 +22,7 @@ from mtpress.stages.bench import (
 )
 from mtpress.stages.card import (
     CardError,
+    RenderedCard,
     check_no_mojibake,
     code_span,
     escape_markdown,
@@ -60,6 +61,11 @@ CLEAN_TEXT = ["中文文档：未测量", "café in São Paulo", "1.5–4.1× sp
 @pytest.fixture
 def manifest() -> dict:
     return json.loads(SAMPLE.read_text(encoding="utf-8"))
+
+
+def card_of(manifest: dict, **kwargs) -> RenderedCard:
+    """The card of a manifest the tests edit as JSON, read as the flow reads manifest.json."""
+    return render_card(Manifest.model_validate(manifest), **kwargs)
 
 
 def split_fences(text: str) -> tuple[str, list[str]]:
@@ -120,7 +126,7 @@ def assert_tables_intact(prose: str) -> None:
 
 
 def test_two_files_link_each_other_and_only_readme_carries_front_matter(manifest):
-    card = render_card(manifest)
+    card = card_of(manifest)
     assert set(card.files) == {"README.md", "README_zh.md"}
     assert "**English** | [中文](README_zh.md)" in card.files["README.md"]
     assert "[English](README.md) | **中文**" in card.files["README_zh.md"]
@@ -145,7 +151,7 @@ def passthrough_without_measurements(manifest: dict) -> dict:
 def test_no_placeholder_or_raw_value_is_left(manifest, variant):
     if variant != "sample":
         manifest = passthrough_without_measurements(manifest)
-    for name, text in render_card(manifest).files.items():
+    for name, text in card_of(manifest).files.items():
         for leftover in ("{{", "{%", "{#", "TODO", "Undefined"):
             assert leftover not in text, f"{name}: {leftover!r}"
         assert not re.search(r"\bNone\b", text), name
@@ -156,7 +162,7 @@ def test_no_placeholder_or_raw_value_is_left(manifest, variant):
 
 
 def test_every_file_row_is_computed_from_the_manifest(manifest):
-    card = render_card(manifest)
+    card = card_of(manifest)
     arch = manifest["architecture"]
     whole, trunk = arch["parameters_total"], arch["parameters_total"] - arch["parameters_head"]
     sizes = {285_000_000: "285 MB", 105_000_000: "105 MB", 104_000_000: "104 MB", 60_000_000: "60 MB"}
@@ -176,11 +182,11 @@ def test_every_file_row_is_computed_from_the_manifest(manifest):
 
 
 def test_changing_the_manifest_changes_the_card(manifest):
-    before = render_card(manifest)
+    before = card_of(manifest)
     changed = copy.deepcopy(manifest)
     changed["smoke"][0]["accepted"] = 31
     changed["files"][2]["size"] = 123_456_789
-    after = render_card(changed)
+    after = card_of(changed)
     trunk = manifest["architecture"]["parameters_total"] - manifest["architecture"]["parameters_head"]
     for name in ("README.md", "README_zh.md"):
         assert "| 26 |" in smoke_row(before.files[name], "embedded/Tiny-Qwen3.5-Demo-FT-MTP-BF16.gguf")
@@ -192,20 +198,20 @@ def test_changing_the_manifest_changes_the_card(manifest):
 
 
 def test_architecture_table_and_head_share_are_computed(manifest):
-    text = render_card(manifest).files["README.md"]
+    text = card_of(manifest).files["README.md"]
     assert "| Parameters | 136,881,920 (136.9M) |" in text
     assert f"| … of which the MTP head | 1,180,928 ({100 * 1_180_928 / 136_881_920:.2f}%) |" in text
     assert "in the pattern `LLLF` × 2" in text
     assert "| Attention heads / KV heads / head dim | 2 / 1 / 128 |" in text
     manifest["architecture"]["parameters_head"] = 2_000_000
     manifest["architecture"]["layer_pattern"] = "LLLLLLLF"
-    text = render_card(manifest).files["README.md"]
+    text = card_of(manifest).files["README.md"]
     assert f"| … of which the MTP head | 2,000,000 ({100 * 2_000_000 / 136_881_920:.2f}%) |" in text
     assert "in the pattern `LLLLLLLF` (L = linear" in text
 
 
 def test_what_was_done_names_donor_revision_and_tensors(manifest):
-    text = render_card(manifest).files["README.md"]
+    text = card_of(manifest).files["README.md"]
     head = manifest["inject"]["head"]
     assert f"at revision `{head['donor_revision']}`: {len(head['tensors'])} tensors, 1,180,928 parameters" in text
     _, blocks = split_fences(text)
@@ -216,7 +222,7 @@ def test_what_was_done_names_donor_revision_and_tensors(manifest):
 
 
 def test_missing_measurements_say_not_measured(manifest):
-    card = render_card(passthrough_without_measurements(manifest))
+    card = card_of(passthrough_without_measurements(manifest))
     english, chinese = card.files["README.md"], card.files["README_zh.md"]
     assert "**Smoke test:** not measured." in english
     assert "**Speed benchmark:** not measured." in english
@@ -228,7 +234,7 @@ def test_missing_measurements_say_not_measured(manifest):
 
 
 def test_speed_notes_follow_the_measured_figures(manifest):
-    english = render_card(manifest).files["README.md"]
+    english = card_of(manifest).files["README.md"]
     assert "draft-mtp was slower than plain decoding for 2 of 2 files" in english
     assert "These figures come from a CPU without a GPU" in english
     assert "These are speeds of a small model (136.9M parameters)" in english
@@ -236,7 +242,7 @@ def test_speed_notes_follow_the_measured_figures(manifest):
     for s in manifest["smoke"]:
         s["tokens_per_second_plain"], s["tokens_per_second_mtp"] = s["tokens_per_second_mtp"], s[
             "tokens_per_second_plain"]
-    english = render_card(manifest).files["README.md"]
+    english = card_of(manifest).files["README.md"]
     assert "draft-mtp was faster than plain decoding for all 2 files" in english
     assert "slower" not in english and "CPU without a GPU" not in english
 
@@ -363,7 +369,7 @@ def assert_every_ratio_agrees_with_its_parts(text: str, name: str) -> int:
 
 
 def test_every_ratio_on_the_card_is_computed_from_the_figures_beside_it(manifest):
-    card = render_card(measured(manifest))
+    card = card_of(measured(manifest))
     for name, text in card.files.items():
         # 2 smoke rows x 2, 4 draft-mtp bench rows x 4, 2 quality rows, 2 heads, the head's share
         assert assert_every_ratio_agrees_with_its_parts(text, name) == 4 + 16 + 2 + 2 + 1, name
@@ -377,13 +383,13 @@ def test_every_ratio_on_the_card_is_computed_from_the_figures_beside_it(manifest
 
 def test_a_ratio_that_contradicts_its_parts_is_caught(manifest):
     """The check above fails on the card's old arithmetic: a speedup from unrounded medians."""
-    text = render_card(measured(manifest)).files["README.md"].replace("| 1.26× |", "| 1.25× |")
+    text = card_of(measured(manifest)).files["README.md"].replace("| 1.26× |", "| 1.25× |")
     with pytest.raises(AssertionError, match="1.25×"):
         assert_every_ratio_agrees_with_its_parts(text, "README.md")
 
 
 def test_bench_names_pooled_and_per_position_acceptance_in_both_languages(manifest):
-    card = render_card(measured(manifest))
+    card = card_of(measured(manifest))
     english, chinese = card.files["README.md"], card.files["README_zh.md"]
     assert "**Pooled acceptance** is what llama.cpp counts" in english
     assert "(α + α² + … + αᵏ) ÷ k" in english and "**Per-position α (estimated)**" in english
@@ -394,7 +400,7 @@ def test_bench_names_pooled_and_per_position_acceptance_in_both_languages(manife
     for result in old["bench_details"]:
         for config in result["configs"]:
             del config["overall"]["acceptance_per_position"]
-    row = table_with(render_card(old).files["README.md"], "Bound: tokens per step")[2]
+    row = table_with(card_of(old).files["README.md"], "Bound: tokens per step")[2]
     assert row["Per-position α (estimated)"] == row["Bound: tokens per step"] == "not measured"
     assert row["Pooled acceptance (accepted ÷ drafted)"] == "50.0%"
 
@@ -402,7 +408,7 @@ def test_bench_names_pooled_and_per_position_acceptance_in_both_languages(manife
 def test_measurements_of_later_stages_are_shown_with_the_hardware(manifest):
     manifest = measured(manifest)
     manifest["gate"] = {"greedy_identical": True, "min_acceptance": 0.5}
-    card = render_card(manifest)
+    card = card_of(manifest)
     english = card.files["README.md"]
     assert ("| `sidecar/Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf` | `mtp-k1` | 12.6 (0.0) | 151.0 | 60 | 45 | 75.0% |"
             in english)
@@ -412,14 +418,14 @@ def test_measurements_of_later_stages_are_shown_with_the_hardware(manifest):
     assert "8 chunks of 128 tokens, each scored on its second half (504 tokens in all)" in english
     assert "| 检查项 | 结果 |" in card.files["README_zh.md"]
     assert "| `greedy_identical` | ✅ 是 |" in card.files["README_zh.md"]
-    assert "**Quality against the unquantized model:** not measured." in render_card(
+    assert "**Quality against the unquantized model:** not measured." in card_of(
         {k: v for k, v in manifest.items() if k != "quality_details"}).files["README.md"]
 
 
 def test_the_card_links_the_apple_silicon_pack_in_both_languages(manifest):
-    assert "MLX / MTPLX build:** not measured." in render_card(manifest).files["README.md"]
+    assert "MLX / MTPLX build:** not measured." in card_of(manifest).files["README.md"]
     manifest["mlx"] = {"repo": "someone/Model-MTP-GGUF-MTPLX", "bits": 4, "verification": "unverified"}
-    card = render_card(manifest)
+    card = card_of(manifest)
     link = "[someone/Model-MTP-GGUF-MTPLX](/someone/Model-MTP-GGUF-MTPLX)"
     assert f"published separately: {link}" in card.files["README.md"]
     assert f"单独发布在 {link}" in card.files["README_zh.md"]
@@ -430,7 +436,7 @@ def test_the_card_links_the_apple_silicon_pack_in_both_languages(manifest):
 
 
 def test_usage_commands_come_from_the_files_and_the_smoke_settings(manifest):
-    english = render_card(manifest).files["README.md"]
+    english = card_of(manifest).files["README.md"]
     _, blocks = split_fences(english)
     commands = "\n".join(blocks)
     repo = manifest["config"]["target"]["repo"]
@@ -442,7 +448,7 @@ def test_usage_commands_come_from_the_files_and_the_smoke_settings(manifest):
 
     manifest["config"]["smoke"]["draft_n_max"] = 3
     manifest["files"] = [f for f in manifest["files"] if f["layout"] == "embedded"]
-    english = render_card(manifest).files["README.md"]
+    english = card_of(manifest).files["README.md"]
     assert "--spec-draft-n-max 3" in english and "--spec-draft-n-max 2" not in english
     assert "-md " not in english
     assert "Every file in this release has its MTP layer embedded, so these apps cannot load them" in english
@@ -451,7 +457,7 @@ def test_usage_commands_come_from_the_files_and_the_smoke_settings(manifest):
 def test_paths_come_from_the_manifest_when_a_layout_sits_at_the_repo_root(manifest):
     for f in manifest["files"]:
         f["path"] = f["path"].removeprefix("sidecar/")
-    card = render_card(manifest)
+    card = card_of(manifest)
     english, chinese = card.files["README.md"], card.files["README_zh.md"]
     assert "- Sidecar, at the repo root:" in english and "- Embedded, in `embedded/`:" in english
     assert "- 分离式（位于仓库根目录）：" in chinese and "- 内嵌式（位于 `embedded/` 文件夹）：" in chinese
@@ -478,7 +484,7 @@ def test_recommendation_rule_prefers_q4_k_m_then_sidecar():
 
 
 def test_the_recommended_pair_is_marked(manifest):
-    english = render_card(manifest).files["README.md"]
+    english = card_of(manifest).files["README.md"]
     marked = [line for line in english.splitlines() if line.startswith("| ✅ |")]
     assert len(marked) == 2
     assert "`sidecar/Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf`" in marked[0]
@@ -501,7 +507,7 @@ def hostile(manifest: dict) -> dict:
 
 
 def test_hostile_upstream_text_is_shown_as_text_never_evaluated(manifest):
-    card = render_card(hostile(manifest))
+    card = card_of(hostile(manifest))
     for name, text in card.files.items():
         prose, blocks = split_fences(text)  # also proves no value closed a code fence
         markdown = outside_code(text)
@@ -515,7 +521,7 @@ def test_hostile_upstream_text_is_shown_as_text_never_evaluated(manifest):
 
 
 def test_hostile_license_cannot_rewrite_the_front_matter(manifest):
-    card = render_card(hostile(manifest))
+    card = card_of(hostile(manifest))
     assert card.front_matter["license"] == "other"
     assert card.front_matter["base_model"] == manifest["config"]["finetune"]["repo"]
     assert ModelCard(card.files["README.md"]).data.to_dict() == card.front_matter
@@ -533,7 +539,7 @@ def test_escaping_helpers():
 
 
 def test_front_matter_round_trips_through_model_card(manifest):
-    card = render_card(manifest)
+    card = card_of(manifest)
     assert card.front_matter == {
         "base_model": "mtpress-demo/Tiny-Qwen3.5-Demo-FT", "base_model_relation": "quantized",
         "license": "apache-2.0", "language": ["en", "zh"], "library_name": "gguf",
@@ -547,13 +553,13 @@ def test_front_matter_round_trips_through_model_card(manifest):
 
 def test_license_comes_from_the_config_else_upstream_else_is_not_recorded(manifest):
     manifest["config"]["target"]["license"] = "mit"
-    card = render_card(manifest)
+    card = card_of(manifest)
     assert card.front_matter["license"] == "mit"
     assert "License: mit, as set in the release config." in card.files["README.md"]
 
     manifest["config"]["target"]["license"] = None
     manifest["inputs"]["finetune"]["license"] = None
-    card = render_card(manifest)
+    card = card_of(manifest)
     assert "license" not in card.front_matter
     assert "License: not recorded." in card.files["README.md"]
     assert "许可证：未记录。" in card.files["README_zh.md"]
@@ -576,13 +582,13 @@ def test_real_text_is_not_mojibake(clean):
 def test_render_refuses_a_manifest_with_mojibake(manifest):
     manifest["architecture"]["family"] = "Qwen3.5 β€” MTP"
     with pytest.raises(CardError, match=r"README\.md: encoding damage \(UTF-8 read as cp1253\)"):
-        render_card(manifest)
+        card_of(manifest)
 
 
 def test_chinese_card_is_written_as_utf8_and_reads_back_intact(manifest, tmp_path):
-    write_manifest(tmp_path, manifest)
+    write_manifest(tmp_path, Manifest.model_validate(manifest))
     card = render_card_from_release(tmp_path)
-    assert card == render_card(manifest)
+    assert card == card_of(manifest)
     written = write_card(tmp_path, card)
     assert sorted(p.name for p in written) == ["README.md", "README_zh.md"]
     raw = (tmp_path / "README_zh.md").read_bytes()
@@ -610,4 +616,4 @@ def test_templates_fail_loudly(manifest, tmp_path, template, problem):
     for name in ("README.md.j2", "README_zh.md.j2"):
         (tmp_path / name).write_text(template, encoding="utf-8")
     with pytest.raises(CardError, match=re.escape(problem)):
-        render_card(manifest, templates_dir=tmp_path)
+        card_of(manifest, templates_dir=tmp_path)

@@ -6,9 +6,8 @@ import json
 import pytest
 
 from mtpress.manifest import jsonable
-from mtpress.stages.card import render_card
 from tests.fixtures import ARCH, make_checkpoint
-from tests.test_card import SAMPLE, file_row, split_fences
+from tests.test_card import SAMPLE, card_of, file_row, split_fences
 
 MMPROJ = {"path": "mmproj-Tiny-Qwen3.5-Demo-FT-MTP-BF16.gguf", "name": "mmproj-Tiny-Qwen3.5-Demo-FT-MTP-BF16.gguf",
           "layout": "sidecar", "role": "mmproj", "quant": "BF16", "size": 1318944, "parameters": 659000,
@@ -22,7 +21,7 @@ def manifest() -> dict:
 
 
 def render(manifest: dict) -> tuple[str, str]:
-    files = render_card(manifest).files
+    files = card_of(manifest).files
     return files["README.md"], files["README_zh.md"]
 
 
@@ -110,7 +109,7 @@ def test_no_head_release_offers_no_mtp_usage(manifest):
 
 
 def test_no_head_release_says_so_everywhere(manifest):
-    card = render_card(no_head(manifest))
+    card = card_of(no_head(manifest))
     en, zh = card.files["README.md"], card.files["README_zh.md"]
     assert "mtp" not in card.front_matter["tags"] and "speculative-decoding" not in card.front_matter["tags"]
     for text in (en, zh):
@@ -131,7 +130,7 @@ def test_an_unused_donor_is_not_credited(manifest):
     """A fine-tune that kept its own head: the configured donor gave nothing, so the card names it nowhere
     (a manifest may still list it under inputs, as one written before the flow dropped unused donors did)."""
     manifest["inject"] = {"action": "passthrough", "reason": "already carries its own MTP head", "head": None}
-    card = render_card(manifest)
+    card = card_of(manifest)
     donor = manifest["inputs"]["donor"]["repo"]
     for text in card.files.values():
         assert donor not in text.split("<summary>Release config</summary>")[0].split("<summary>发布配置</summary>")[0]
@@ -168,7 +167,7 @@ def test_the_flow_records_no_unused_donor_and_names_local_folders_without_their_
         "inputs": _inputs(cfg, ARCH, finetune, donor, injected),
         "inject": {"action": injected.action, "reason": injected.reason, "head": injected.head,
                    "bytes_written": injected.bytes_written, "vocabulary": injected.vocabulary}})
-    card = render_card(manifest)
+    card = card_of(manifest)
     published = json.dumps(manifest, ensure_ascii=False) + "".join(card.files.values())
     assert str(tmp_path) not in published and "alice" not in published
 
@@ -191,6 +190,7 @@ def test_the_flow_records_no_unused_donor_and_names_local_folders_without_their_
 
 
 def test_the_mtplx_card_names_a_local_fine_tune_by_folder_and_digest():
+    from mtpress.manifest import PackManifest
     from mtpress.stages.mlx_card import render_mlx_card
 
     pack = {"bits": 4, "bits_per_weight": 4.5, "body_bytes": 10**8, "group_size": 64, "head_bytes": 2 * 10**6,
@@ -201,13 +201,15 @@ def test_the_mtplx_card_names_a_local_fine_tune_by_folder_and_digest():
               "pack_tokens_matching_reference": 2, "inspect_passed": True, "runtime_smoke_passed": True,
               "probe_agreement": 0.5, "probe_max_prompt_tokens": 16, "probe_prompts": 2, "probe_variants": []}
     digest = "ab" * 32
-    card = render_mlx_card({
-        "repo": "me/My-FT-MTPLX", "gguf_repo": "me/My-FT-GGUF", "config": {"target": {"license": None}},
-        "mlx_tools": {"mlx": "0.32.4", "mlx_lm": "0.32.2", "mtplx": "2.12.2"}, "hardware": {"cpu": "x86_64"},
-        "pack": pack, "checks": checks, "unverified_level": "unverified", "verification": None,
+    card = render_mlx_card(PackManifest.model_validate({
+        "release": "My-FT-MTPLX", "repo": "me/My-FT-MTPLX", "gguf_repo": "me/My-FT-GGUF",
+        "config": {"target": {"license": None}}, "mlx_tools": {"mlx": "0.32.4", "mlx_lm": "0.32.2", "mtplx": "2.12.2"},
+        "hardware": {"cpu": "x86_64", "cores": 2, "gpu": None, "os": "Linux"},
+        "pack": pack, "checks": checks, "unverified_level": "unverified", "verification": None, "stage_seconds": {},
         # A manifest of an older mtpress: the local fine-tune's label was its full path.
-        "inputs": {"finetune": {"label": "/home/alice/models/My-FT", "repo": None, "revision": None, "digest": digest},
-                   "donor": None}})
+        "inputs": {"finetune": {"label": "/home/alice/models/My-FT", "repo": None, "revision": None, "digest": digest,
+                                "license": None, "files": {}},
+                   "donor": None}}))
     en, zh = card.files["README.md"], card.files["README_zh.md"]
     assert "- Body and head: My-FT (a local folder, content digest `abababababab`), prepared" in en
     assert "- 主体与头：My-FT（本地文件夹，内容摘要 `abababababab`），由 mtpress" in zh

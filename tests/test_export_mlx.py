@@ -9,14 +9,14 @@ import pytest
 from mtpress.archs import get_arch
 from mtpress.checkpoint import ModelDir
 from mtpress.errors import MissingMtpHeadError, QualityGateError
+from mtpress.naming import default_mlx_repo
 from mtpress.safetensors_io import bf16_bytes_to_f32, f32_to_bf16_bytes, read_header, read_tensor_bytes
+from mtpress.schema import MlxSpec
 from mtpress.stages.export_mlx import (
     CONTRACT_FILE,
     HEAD_FILE,
     UNVERIFIED,
-    MlxSpec,
     check_mlx,
-    default_mlx_repo,
     export_mlx,
     head_tensor_names,
     runtime_contract,

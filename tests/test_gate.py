@@ -5,12 +5,14 @@ got the token through its environment (a private repo is a 404 without it).
 """
 
 import json
+from pathlib import Path
 
 import pytest
 from huggingface_hub import CommitOperationAdd, HfApi
 from typer.testing import CliRunner
 
 from mtpress.errors import GateError
+from mtpress.manifest import Manifest, jsonable
 from mtpress.schema import GateSpec, SmokeSpec, Target
 from mtpress.stages.gate import check_snapshot, gate, pairings_from_manifest, pairings_from_names
 from tests.conftest import TEST_TOKEN
@@ -48,19 +50,23 @@ def hub(tmp_path_factory):
     mp.undo()
 
 
-def manifest_for(files: dict, tokens: tuple[int, ...]) -> dict:
-    """The part of a release manifest the gate reads, for files named as in `files` (repo path → GgufFile)."""
-    records = [{"path": path, "name": path.rsplit("/", 1)[-1], "layout": "sidecar", "role": f.role,
-                "quant": "BF16", "sha256": f.sha256} for path, f in files.items()]
-    smoke = [{"model": "T-BF16.gguf", "layout": "sidecar", "tokens": list(tokens)}]
-    return {"files": records, "smoke": smoke, "config": {"smoke": SMOKE.model_dump(mode="json"),
-                                                          "gate": GATE.model_dump(mode="json")}}
+def manifest_for(files: dict, tokens: tuple[int, ...]) -> Manifest:
+    """The sample release's manifest with the files named as in `files` (repo path → GgufFile) and their smoke."""
+    sample = json.loads((Path(__file__).parent / "data" / "manifest-sample.json").read_text(encoding="utf-8"))
+    records = [{**jsonable(f), "path": path, "name": path.rsplit("/", 1)[-1], "layout": "sidecar", "quant": "BF16"}
+               for path, f in files.items()]
+    smoke = [{"model": "T-BF16.gguf", "head": "mtp-T-BF16.gguf", "quant": "BF16", "layout": "sidecar",
+              "n_predict": len(tokens), "draft_n_max": SMOKE.draft_n_max, "tokens_identical": True, "tokens": tokens,
+              "drafted": 0, "accepted": 0, "acceptance": None, "tokens_per_second_plain": 1.0,
+              "tokens_per_second_mtp": None, "passed": True}]
+    config = {**sample["config"], "smoke": SMOKE.model_dump(mode="json"), "gate": GATE.model_dump(mode="json")}
+    return Manifest.model_validate({**sample, "files": records, "smoke": smoke, "config": config})
 
 
-def upload(api: HfApi, repo: str, files: dict, manifest: dict | None = None) -> str:
+def upload(api: HfApi, repo: str, files: dict, manifest: Manifest | None = None) -> str:
     operations = [CommitOperationAdd(path, str(f.path)) for path, f in files.items()]
     if manifest is not None:
-        operations.append(CommitOperationAdd("manifest.json", json.dumps(manifest).encode()))
+        operations.append(CommitOperationAdd("manifest.json", manifest.model_dump_json(exclude_unset=True).encode()))
     api.create_repo(repo, private=True, exist_ok=True)
     return api.create_commit(repo, operations, commit_message="release").oid
 
@@ -147,18 +153,15 @@ def test_pairing_from_names_follows_llama_cpp_name_rules():
 
 
 def test_the_card_pairs_each_trunk_with_its_head_and_reports_the_gate():
-    from pathlib import Path
-
-    from mtpress.manifest import jsonable
-    from mtpress.stages.card import render_card
     from mtpress.stages.gate import ClientRun, GateResult, SnapshotCheck
+    from tests.test_card import card_of
 
     manifest = json.loads((Path(__file__).parent / "data" / "manifest-sample.json").read_text(encoding="utf-8"))
     for f in manifest["files"]:
         f["path"] = f["path"].removeprefix("sidecar/")  # the sidecar layout at the repo root, as releases have it
     repo, trunk, head = manifest["config"]["target"]["repo"], manifest["files"][2]["path"], manifest["files"][3]["path"]
     row = f"| `{repo}:Q4_K_M` | `{trunk}` | `{head}` |"
-    assert f"{row} not measured |" in render_card(manifest).files["README.md"]
+    assert f"{row} not measured |" in card_of(manifest).files["README.md"]
 
     commit = "0123456789abcdef0123456789abcdef01234567"
     runs = tuple(ClientRun(client="llama.cpp -hf", version="b11434", request=f"-hf {repo}-staging:Q4_K_M" + extra,
@@ -168,7 +171,7 @@ def test_the_card_pairs_each_trunk_with_its_head_and_reports_the_gate():
                  for extra in ("", " --spec-type draft-mtp --spec-draft-n-max 2"))
     result = GateResult(f"{repo}-staging", commit, runs, SnapshotCheck("huggingface_hub snapshot_download", "2.4.0",
                                                                         commit, 4), {})
-    card = render_card({**manifest, "gate": result.table(), "gate_details": jsonable(result)}).files
+    card = card_of({**manifest, "gate": result.table(), "gate_details": jsonable(result)}).files
     english, chinese = card["README.md"], card["README_zh.md"]
     assert f"{row} ✅ yes |" in english and f"{row} ✅ 是 |" in chinese
     assert f"staging repo `{repo}-staging` (commit `{commit}`)" in english

@@ -3,12 +3,12 @@
 import hashlib
 import os
 
-from flows.cache import StageCache
-from flows.stage_keys import convert_key, quantize_key, reused_outputs
 from mtpress.archs import get_arch
+from mtpress.cache import StageCache
 from mtpress.fsutil import dir_digest
+from mtpress.naming import gguf_name
 from mtpress.schema import ReleaseConfig
-from mtpress.stages.convert import gguf_name
+from mtpress.stage_keys import convert_key, quantize_key, reused_outputs
 from mtpress.stages.gguf_files import GgufFile
 from mtpress.stages.preflight import check_disk_space, planned_output_bytes
 from tests.fixtures import make_checkpoint

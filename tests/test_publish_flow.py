@@ -117,8 +117,9 @@ def test_republishing_makes_no_commit_and_a_template_change_touches_only_the_car
     import shutil
 
     from mtpress.schema import Target
-    from mtpress.stages.card import render_card, write_card
+    from mtpress.stages.card import write_card
     from mtpress.stages.publish import publish
+    from tests.test_card import card_of
 
     api, manifest = release["api"], release["manifest"]
     target = Target(**manifest["config"]["target"])
@@ -129,7 +130,7 @@ def test_republishing_makes_no_commit_and_a_template_change_touches_only_the_car
     shutil.copytree(Path(__file__).resolve().parent.parent / "templates" / "card", templates)
     english = templates / "README.md.j2"
     english.write_text(english.read_text(encoding="utf-8") + "\nReworded footer.\n", encoding="utf-8")
-    write_card(release["dir"], render_card(manifest, templates_dir=templates))
+    write_card(release["dir"], card_of(manifest, templates_dir=templates))
     result = publish(release["dir"], target, api, message="card only")
     assert result.committed
     assert [f.path for f in result.plan.changes] == ["README.md"]

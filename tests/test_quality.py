@@ -8,14 +8,12 @@ from pydantic import ValidationError
 
 from mtpress.errors import ConfigError, ToolchainError
 from mtpress.manifest import jsonable
-from mtpress.schema import load_release_config
+from mtpress.schema import QualitySpec, fewest_chunks, load_release_config
 from mtpress.stages import quality as quality_stage
 from mtpress.stages.gguf_files import GgufFile
 from mtpress.stages.quality import (
     STATISTICS_START,
     Estimate,
-    QualitySpec,
-    fewest_chunks,
     parse_base_run,
     parse_kl_run,
     parse_statistics,

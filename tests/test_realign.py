@@ -12,8 +12,9 @@ from mtpress.checkpoint import INDEX, ModelDir
 from mtpress.errors import TrunkMismatchError
 from mtpress.fsutil import sha256_file
 from mtpress.safetensors_io import read_header
+from mtpress.schema import HeadSpec
 from mtpress.stages.inject import HEAD_SHARD, inject
-from mtpress.stages.realign import HeadSpec, collect_hidden_states, realign, trunk_digest
+from mtpress.stages.realign import collect_hidden_states, realign, trunk_digest
 
 ARCH = get_arch("qwen35")
 # A few prompts and steps: enough to move every head tensor, small enough for two CPU cores.
@@ -118,7 +119,8 @@ def _tensor_bytes(path, info):
 def test_llama_cpp_accepts_more_drafts_from_the_realigned_head(injected, embedded, toolchain, tmp_path):
     """The issue's claim, measured where it counts: llama.cpp's own draft counts on the bench prompts (none of
     them seen in training), three repetitions, the re-aligned head above the copied one in every repetition."""
-    from mtpress.stages.bench import BenchSpec, bench
+    from mtpress.schema import BenchSpec
+    from mtpress.stages.bench import bench
     from mtpress.stages.convert import convert
 
     spec = HeadSpec(source="realign", n_predict=16, max_steps=150, eval_every=25)

@@ -35,9 +35,9 @@ def test_realign_runs_in_the_gpu_pool_and_comes_back_through_the_hub(local_hub, 
     from prefect.exceptions import ObjectAlreadyExists
     from prefect.settings import PREFECT_API_URL
 
-    from flows.cache import StageCache
     from flows.realign import RESULT_FILE, choose_head
     from mtpress.archs import get_arch
+    from mtpress.cache import StageCache
     from mtpress.fsutil import sha256_file
     from mtpress.hub.client import hub_api
     from mtpress.schema import ReleaseConfig
@@ -49,8 +49,7 @@ def test_realign_runs_in_the_gpu_pool_and_comes_back_through_the_hub(local_hub, 
     for repo, folder in ((BASE, demo_pair[0]), (FINETUNE, demo_pair[1])):
         api.create_repo(repo)
         api.upload_folder(repo_id=repo, folder_path=folder, commit_message="upload")
-    # From here on a write, or a look at a private repo, needs the token: the worker holds it only in a Secret block.
-    local_hub.tokens = {TEST_TOKEN}
+    # The worker holds the token only in a Secret block.
     Secret(value=TEST_TOKEN).save("hf-token", overwrite=True)
 
     with get_client(sync_client=True) as client:
@@ -175,7 +174,7 @@ def test_a_head_trained_elsewhere_needs_hub_inputs_and_its_own_exchange_repo(tmp
 
 
 def test_the_card_says_where_a_head_trained_elsewhere_was_trained():
-    from mtpress.stages.card import render_card
+    from tests.test_card import card_of
 
     manifest = json.loads((Path(__file__).parent / "data" / "manifest-sample.json").read_text())
     measured = {"drafted": 100, "accepted": 80, "acceptance": 0.8, "per_repetition": [0.8, 0.8, 0.8]}
@@ -186,8 +185,8 @@ def test_the_card_says_where_a_head_trained_elsewhere_was_trained():
                      "hardware": {"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "cpu": "Xeon"}},
         "remote": {"deployment": "realign/realign", "flow_run_id": "0b6f1c9e-run", "hostname": "gpu-7", "pid": 4242,
                    "exchange_repo": "you/X-realign", "folder": "heads/0123456789abcdef0123"}}
-    files = render_card(manifest).files
+    files = card_of(manifest).files
     for text in files.values():
         assert "NVIDIA H100 80GB HBM3" in text and "`0b6f1c9e-run`" in text and "`realign/realign`" in text
     manifest["head_choice"]["remote"] = None
-    assert not any("realign/realign" in text for text in render_card(manifest).files.values())
+    assert not any("realign/realign" in text for text in card_of(manifest).files.values())

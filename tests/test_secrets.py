@@ -21,6 +21,7 @@ def whoami_flow(token_secret: str) -> str:
 
 def test_a_flow_reads_the_token_from_a_secret_block(local_hub, prefect_harness, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
+    local_hub.tokens = {TOKEN}  # the hub knows only the block's token: whoami answers only if the flow used it
     Secret(value=TOKEN).save("mtpress-test-hf-token", overwrite=True)
     assert whoami_flow("mtpress-test-hf-token") == local_hub.user
     assert hub_api().token == TOKEN

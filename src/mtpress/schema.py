@@ -13,11 +13,9 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mtpress.archs import registered
 from mtpress.errors import ConfigError
-from mtpress.stages.bench import BenchSpec
-from mtpress.stages.export_mlx import MlxSpec
-from mtpress.stages.quality import QualitySpec
-from mtpress.stages.realign import HeadSpec
+from mtpress.naming import realign_repo, staging_repo
 
 # llama-quantize's own type names (tools/quantize/quantize.cpp) that we publish, with the
 # nominal bits the -hf downloader reads from a name when pairing siblings.
@@ -78,7 +76,8 @@ class Target(StrictModel):
     def _staging_is_elsewhere(self) -> Target:
         if self.staging_repo == self.repo:
             raise ValueError("staging_repo must differ from repo: the release is verified there before it reaches repo")
-        if (self.realign_repo or f"{self.repo}-realign") in (self.repo, self.staging_repo or f"{self.repo}-staging"):
+        # Not through .realign/.staging: each builds a Target, whose own check would build the next one.
+        if (self.realign_repo or realign_repo(self.repo)) in (self.repo, self.staging_repo or staging_repo(self.repo)):
             raise ValueError("realign_repo must differ from repo and staging_repo: it holds training results, "
                              "which are never part of the release")
         return self
@@ -86,12 +85,12 @@ class Target(StrictModel):
     @property
     def realign(self) -> Target:
         """The private repo a re-aligned head trained elsewhere is committed to; the same endpoint as the target."""
-        return Target(repo=self.realign_repo or f"{self.repo}-realign", private=True)
+        return Target(repo=self.realign_repo or realign_repo(self.repo), private=True)
 
     @property
     def staging(self) -> Target:
         """The private repo the release gate verifies; the same endpoint as the target."""
-        return Target(repo=self.staging_repo or f"{self.repo}-staging", private=True, license=self.license)
+        return Target(repo=self.staging_repo or staging_repo(self.repo), private=True, license=self.license)
 
 
 class SmokeSpec(StrictModel):
@@ -116,6 +115,131 @@ class GateSpec(StrictModel):
     enabled: bool = True
     # The smoke tokens are a longer greedy run of the same prompt; the gate compares this many.
     n_predict: Annotated[int, Field(ge=1, le=1024)] = 16
+
+
+class BenchSpec(StrictModel):
+    """How to benchmark; the release config's ``bench:`` section."""
+
+    enabled: bool = True  # the flow runs the stage only when true
+    draft_lengths: tuple[Annotated[int, Field(ge=1, le=8)], ...] = (1, 2, 3)
+    repetitions: Annotated[int, Field(ge=1, le=50)] = 3
+    warmup: Annotated[int, Field(ge=0, le=10)] = 1
+    n_predict: Annotated[int, Field(ge=1, le=1024)] = 64
+    prompts: Path | None = Field(default=None, description="JSONL of {id, domain, prompt}; default: the shipped set")
+    threads: Annotated[int, Field(ge=1)] | None = None  # None: every core, as llama-server's default
+    timeout_s: Annotated[float, Field(gt=0)] = 600.0  # per server start and per request
+    quants: tuple[str, ...] | None = None  # which model files of the release's first layout; None: all of them
+    per_domain: Annotated[int, Field(ge=1)] | None = None  # the first N prompts of each domain; None: every prompt
+
+    @field_validator("draft_lengths")
+    @classmethod
+    def _distinct(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a draft length twice")
+        return value
+
+
+# llama-quantize refuses these without an importance matrix: they produce IQ2_S / IQ3_XXS tensors
+# (tensor_requires_imatrix in src/llama-quant.cpp).
+IMATRIX_REQUIRED = frozenset({"IQ2_M", "IQ3_XXS"})
+# llama-perplexity --kl-divergence prints no statistics at all below this many scored tokens
+# (tools/perplexity/perplexity.cpp, kl_divergence: "if (kld.count < 100) return;").
+MIN_SCORED_TOKENS = 100
+
+
+def scored_per_chunk(ctx_size: int) -> int:
+    """Tokens llama-perplexity scores in one chunk: the second half, less the last (it has no next token)."""
+    return ctx_size - 1 - ctx_size // 2
+
+
+def fewest_chunks(ctx_size: int) -> int:
+    """The fewest chunks of ``ctx_size`` tokens that llama-perplexity summarises."""
+    return -(-MIN_SCORED_TOKENS // scored_per_chunk(ctx_size))
+
+
+class QualitySpec(StrictModel):
+    """How to measure quality; the release config's ``quality:`` section."""
+
+    enabled: bool = True  # the flow runs the stage only when true
+    calibration: Path | None = Field(default=None, description="plain text; default: the shipped calibration.txt")
+    ctx_size: Annotated[int, Field(ge=16, le=8192)] = 128
+    chunks: Annotated[int, Field(ge=1)] = 16  # at most; a short text yields fewer (tokens // ctx_size)
+    threads: Annotated[int, Field(ge=1)] | None = None  # None: every core
+    timeout_s: Annotated[float, Field(gt=0)] = 3 * 3600.0  # per tool run
+    imatrix_quants: tuple[str, ...] = Field(default=(), description="quant types made with an importance matrix; "
+                                            f"{', '.join(sorted(IMATRIX_REQUIRED))} always are")
+
+    @field_validator("imatrix_quants")
+    @classmethod
+    def _known_quants(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [q for q in value if q not in QUANT_TYPES or q in ("BF16", "F16")]
+        if unknown:
+            raise ValueError(f"not quant types that take an importance matrix: {', '.join(unknown)}")
+        return value
+
+    @model_validator(mode="after")
+    def _enough_chunks(self) -> QualitySpec:
+        per_chunk, fewest = scored_per_chunk(self.ctx_size), fewest_chunks(self.ctx_size)
+        if self.chunks < fewest:
+            raise ValueError(
+                f"chunks: {self.chunks} chunk(s) of {self.ctx_size} tokens score {self.chunks * per_chunk} tokens, "
+                f"and llama-perplexity prints its KL-divergence statistics only from {MIN_SCORED_TOKENS} (it scores "
+                f"{per_chunk} per chunk, the second half less one): set chunks to at least {fewest}, or raise ctx_size")
+        return self
+
+
+HeadSource = Literal["copy", "realign", "best"]
+
+
+class HeadSpec(StrictModel):
+    """Which head the release publishes, and how a re-aligned one is trained; the config's ``head:`` section.
+
+    ``copy``: the donor's head as injected. ``realign``: a head trained on the fine-tune's own output.
+    ``best``: both are measured by the bench on the same files and prompts, and the head with the higher
+    acceptance by llama.cpp's draft counts is published.
+    """
+
+    source: HeadSource = "copy"
+    prompts: Path | None = Field(default=None, description="JSONL of {id, domain, prompt}; default: the shipped set")
+    per_domain: Annotated[int, Field(ge=1)] | None = None  # the first N prompts of each domain; None: all
+    n_predict: Annotated[int, Field(ge=8, le=4096)] = 256  # greedy tokens generated per prompt
+    heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25  # of the sequences; early stopping watches them
+    seed: int = 0
+    max_steps: Annotated[int, Field(ge=1)] = 400
+    batch_sequences: Annotated[int, Field(ge=1)] = 8
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-3
+    eval_every: Annotated[int, Field(ge=1)] = 25
+    patience: Annotated[int, Field(ge=1)] = 4  # evaluations without a better held-out acceptance before stopping
+    # "hidden": match the trunk's hidden state h_q, which decides its next token through the shared lm_head,
+    # at every position (no vocabulary-sized product, so CPU-cheap). "cross-entropy": the trunk's generated
+    # next token, over ``candidates`` tokens (those the trunk said plus random others; None = the vocabulary).
+    loss: Literal["hidden", "cross-entropy"] = "hidden"
+    candidates: Annotated[int, Field(ge=2)] | None = 8192
+    device: str = "cpu"  # any torch device the converter's torch supports, e.g. "cuda"
+    threads: Annotated[int, Field(ge=1)] = 2  # fixed, so results do not depend on the machine's core count
+    timeout_s: Annotated[float, Field(gt=0)] = 6 * 3600.0
+    # A Prefect deployment ("flow/deployment", e.g. "realign/realign" on a GPU work pool) that collects and trains
+    # on another machine, which reads the inputs from the Hub and commits the head to the exchange repo; None: here.
+    deployment: str | None = None
+
+
+class MlxSpec(StrictModel):
+    """The release config's ``mlx:`` section: the MTPLX pack beside the GGUFs (absent: no pack)."""
+
+    bits: Literal[2, 3, 4, 5, 6, 8] = 4
+    group_size: Literal[32, 64, 128] = 64
+    head_dtype: Literal["bf16", "fp16"] = "bf16"
+    # None: the GGUF target's repo id with its -GGUF suffix replaced by -MTPLX (or -MTPLX appended).
+    repo: RepoId | None = None
+    mtp_depth_max: Annotated[int, Field(ge=1, le=8)] = 3
+    # MTPLX's head-agreement probe: prompts from the shipped set (first N per domain; None: all of them),
+    # each cut to its last max_prompt_tokens tokens.
+    probe_per_domain: Annotated[int, Field(ge=1)] | None = None
+    probe_max_prompt_tokens: Annotated[int, Field(ge=4, le=4096)] = 256
+    # The cross-runtime check: the unquantized checkpoint in MLX must give llama.cpp's BF16 greedy tokens for
+    # this many tokens of the smoke prompt. Later, float differences between engines can flip near-ties.
+    match_tokens: Annotated[int, Field(ge=1, le=1024)] = 16
+    timeout_s: Annotated[float, Field(gt=0)] = 1800.0
 
 
 class ReleaseConfig(StrictModel):
@@ -147,8 +271,6 @@ class ReleaseConfig(StrictModel):
     @field_validator("arch")
     @classmethod
     def _arch(cls, value: str) -> str:
-        from mtpress.archs import registered
-
         if value not in registered():
             raise ValueError(f"unknown architecture {value!r}; registered: {', '.join(sorted(registered()))}")
         return value

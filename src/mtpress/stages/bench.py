@@ -20,14 +20,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Any
 
 from mtpress.errors import ConfigError, ToolchainError
 from mtpress.fsutil import sha256_file
 from mtpress.manifest import hardware
+from mtpress.schema import BenchSpec
 from mtpress.stages.gguf_files import GgufFile, gguf_metadata
+from mtpress.stages.smoke import SEED, greedy_request, server_args
 from mtpress.toolchain import LlamaCpp, run_tool
 from mtpress.toolchain.server import llama_server
 
@@ -36,30 +36,6 @@ SPREAD_METHOD = ("median, min/max and interquartile range (q1, q3: linear interp
                  "statistics) over every prompt x repetition sample of the scope; warm-up requests excluded")
 ALL_DOMAINS = "all"
 DEMO_TAG = "mtpress-demo"  # general.tags of the generated demo models (their model card's tags)
-
-
-class BenchSpec(BaseModel):
-    """How to benchmark; the release config's ``bench:`` section."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = True  # the flow runs the stage only when true
-    draft_lengths: tuple[Annotated[int, Field(ge=1, le=8)], ...] = (1, 2, 3)
-    repetitions: Annotated[int, Field(ge=1, le=50)] = 3
-    warmup: Annotated[int, Field(ge=0, le=10)] = 1
-    n_predict: Annotated[int, Field(ge=1, le=1024)] = 64
-    prompts: Path | None = Field(default=None, description="JSONL of {id, domain, prompt}; default: the shipped set")
-    threads: Annotated[int, Field(ge=1)] | None = None  # None: every core, as llama-server's default
-    timeout_s: Annotated[float, Field(gt=0)] = 600.0  # per server start and per request
-    quants: tuple[str, ...] | None = None  # which model files of the release's first layout; None: all of them
-    per_domain: Annotated[int, Field(ge=1)] | None = None  # the first N prompts of each domain; None: every prompt
-
-    @field_validator("draft_lengths")
-    @classmethod
-    def _distinct(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if len(set(value)) != len(value):
-            raise ValueError("lists a draft length twice")
-        return value
 
 
 @dataclass(frozen=True)
@@ -271,8 +247,6 @@ def first_per_domain(prompts: Sequence[BenchPrompt], limit: int | None) -> tuple
 
 def bench(model: GgufFile, head: GgufFile | None, spec: BenchSpec, tools: LlamaCpp) -> BenchResult:
     """Measure ``model`` (with its sidecar ``head``, if any) plain and with draft-mtp at each draft length."""
-    # Deferred: smoke imports the schema, which imports BenchSpec from this module.
-    from mtpress.stages.smoke import SEED, greedy_request, server_args
 
     prompts = first_per_domain(load_prompts(spec.prompts), spec.per_domain)
     requests = [(prompt, greedy_request(prompt.prompt, spec.n_predict)) for prompt in prompts]

@@ -24,7 +24,8 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from mtpress.errors import MtpressError
 from mtpress.fsutil import write_text_atomic
-from mtpress.manifest import read_manifest
+from mtpress.manifest import Manifest, read_manifest
+from mtpress.naming import pair_trunks_with_heads
 from mtpress.schema import REPO_ID, SmokeSpec
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[3] / "templates" / "card"
@@ -78,9 +79,12 @@ class RenderedCard:
     front_matter: dict[str, Any]
 
 
-def render_card(manifest: Mapping[str, Any], templates_dir: Path | None = None) -> RenderedCard:
+def render_card(manifest: Manifest, templates_dir: Path | None = None) -> RenderedCard:
     """Render the English and Chinese card from a release manifest; raise CardError instead of guessing."""
-    return render_card_files(templates_dir or TEMPLATES_DIR, card_facts(manifest), front_matter(manifest))
+    # The facts are built from the manifest as its file holds it: every fact reads as "stated or not", the same
+    # for a manifest of any age, and a fact an older manifest lacks is never filled in by a default.
+    record = manifest.model_dump(mode="json", exclude_unset=True)
+    return render_card_files(templates_dir or TEMPLATES_DIR, card_facts(record), front_matter(record))
 
 
 def render_card_files(templates_dir: Path, facts: Mapping[str, Any], matter: dict[str, Any]) -> RenderedCard:
@@ -330,11 +334,12 @@ def recommended_model(files: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] |
 
 
 def head_of(model: Mapping[str, Any], files: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    """A sidecar trunk's `mtp-` head: the head file of the same quant (an embedded file carries its own)."""
-    if model.get("layout") != "sidecar":
-        return None
-    return next((f for f in files if f.get("role") == "head" and f.get("layout") == "sidecar"
-                 and f.get("quant") == model.get("quant")), None)
+    """A trunk's `mtp-` head, by the release's one pairing rule (an embedded file carries its own: None)."""
+    return next((head for trunk, head in pair_trunks_with_heads(files, _role_layout_quant) if trunk is model), None)
+
+
+def _role_layout_quant(file: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    return file.get("role"), file.get("layout"), file.get("quant")
 
 
 def _file_rows(manifest: Mapping[str, Any], arch: Mapping[str, Any]) -> list[dict[str, Any]]:

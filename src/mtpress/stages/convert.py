@@ -19,17 +19,11 @@ from mtpress.archs.base import ArchSpec
 from mtpress.checkpoint import ModelDir
 from mtpress.errors import ModelError
 from mtpress.fsutil import sha256_file
+from mtpress.naming import gguf_name
 from mtpress.stages.gguf_files import GgufFile, Role, read_facts, verify_head, verify_mmproj
 from mtpress.toolchain import LlamaCpp, run_tool
 
 CONVERT_TIMEOUT_S = 3 * 3600
-ROLE_PREFIX = {"head": "mtp-", "mmproj": "mmproj-"}
-
-
-def gguf_name(name: str, quant: str, role: Role) -> str:
-    """File names follow llama.cpp's ``-hf`` conventions: ``Name-QUANT.gguf``, ``mtp-Name-QUANT.gguf`` and
-    ``mmproj-Name-QUANT.gguf`` (siblings the downloader pairs with a model, never models themselves)."""
-    return f"{ROLE_PREFIX.get(role, '')}{name}-{quant}.gguf"
 
 
 def convert(model: ModelDir, arch: ArchSpec, layout: str, *, name: str, tools: LlamaCpp,

@@ -26,16 +26,16 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mtpress.archs.base import ArchSpec
 from mtpress.checkpoint import ModelDir
 from mtpress.errors import MissingMtpHeadError, QualityGateError, UnsupportedArchitectureError
 from mtpress.fsutil import atomic_path, sha256_file
 from mtpress.safetensors_io import bf16_bytes_to_f32, f32_to_bf16_bytes, read_tensor_bytes, write_safetensors
+from mtpress.schema import MlxSpec
+from mtpress.stages.bench import first_per_domain, load_prompts
 from mtpress.toolchain.mlx import MTPLX_VERSION, MlxTools
 
 HEAD_FILE = "mtp.safetensors"
@@ -56,42 +56,6 @@ UNVERIFIED = "unverified on Apple Silicon"
 UNVERIFIED_STATUS = "unverified_apple_silicon"
 # MTPLX's default head contract for Qwen3.5 (mtp_patch.MTPContract): the probe figure the card quotes.
 DEFAULT_PROBE_VARIANT = ("post_norm", "embedding_hidden")
-
-
-class MlxSpec(BaseModel):
-    """The release config's ``mlx:`` section: the MTPLX pack beside the GGUFs (absent: no pack)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    bits: Literal[2, 3, 4, 5, 6, 8] = 4
-    group_size: Literal[32, 64, 128] = 64
-    head_dtype: Literal["bf16", "fp16"] = "bf16"
-    # None: the GGUF target's repo id with its -GGUF suffix replaced by -MTPLX (or -MTPLX appended).
-    repo: str | None = None
-    mtp_depth_max: Annotated[int, Field(ge=1, le=8)] = 3
-    # MTPLX's head-agreement probe: prompts from the shipped set (first N per domain; None: all of them),
-    # each cut to its last max_prompt_tokens tokens.
-    probe_per_domain: Annotated[int, Field(ge=1)] | None = None
-    probe_max_prompt_tokens: Annotated[int, Field(ge=4, le=4096)] = 256
-    # The cross-runtime check: the unquantized checkpoint in MLX must give llama.cpp's BF16 greedy tokens for
-    # this many tokens of the smoke prompt. Later, float differences between engines can flip near-ties.
-    match_tokens: Annotated[int, Field(ge=1, le=1024)] = 16
-    timeout_s: Annotated[float, Field(gt=0)] = 1800.0
-
-    @field_validator("repo")
-    @classmethod
-    def _repo(cls, value: str | None) -> str | None:
-        from mtpress.schema import REPO_ID  # the schema imports this module
-
-        if value is not None and not REPO_ID.fullmatch(value):
-            raise ValueError(f"{value!r} is not a Hub repo id of the form 'owner/name'")
-        return value
-
-
-def default_mlx_repo(target_repo: str) -> str:
-    """``owner/Name-GGUF`` → ``owner/Name-MTPLX``; a name without the suffix gets ``-MTPLX`` appended."""
-    owner, name = target_repo.split("/", 1)
-    return f"{owner}/{name.removesuffix('-GGUF')}-MTPLX"
 
 
 @dataclass(frozen=True)
@@ -326,8 +290,6 @@ def check_mlx(pack: MlxPack, model: ModelDir, spec: MlxSpec, tools: MlxTools, *,
               reference_tokens: tuple[int, ...] | None, reference: str | None, prompts_path: Path | None = None,
               ) -> MlxChecks:
     """Load and run the pack on CPU in the MLX environment; raise QualityGateError if it is broken."""
-    from mtpress.stages.bench import first_per_domain, load_prompts
-
     prompts = first_per_domain(load_prompts(prompts_path), spec.probe_per_domain)
     with tempfile.TemporaryDirectory(prefix=".mlx-check-") as scratch:
         # MTPLX's prompt suites name the domain "category".

@@ -15,7 +15,6 @@ under ``snapshots/<that commit>/`` in its cache.
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -29,7 +28,8 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from mtpress.errors import GateError, ToolFailedError
 from mtpress.fsutil import sha256_file
-from mtpress.manifest import MANIFEST
+from mtpress.manifest import MANIFEST, Manifest
+from mtpress.naming import HEAD_PREFIX, head_name, is_head, pair_trunks_with_heads
 from mtpress.schema import GateSpec, SmokeSpec
 from mtpress.stages.smoke import Generation, greedy_request, parse_generation, require_acceptance
 from mtpress.toolchain import LlamaCpp
@@ -38,7 +38,7 @@ from mtpress.toolchain.server import llama_server
 LLAMA_CPP_CLIENT = "llama.cpp -hf"
 SNAPSHOT_CLIENT = "huggingface_hub snapshot_download"
 # llama.cpp's rules (common/download.cpp): names with these words are siblings, never the model.
-NOT_A_MODEL = ("mmproj", "imatrix", "mtp-", "eagle3-", "dflash-", "dspark-")
+NOT_A_MODEL = ("mmproj", "imatrix", HEAD_PREFIX, "eagle3-", "dflash-", "dspark-")
 SPLIT = re.compile(r"-\d{5}-of-\d{5}$", re.IGNORECASE)
 TAG = re.compile(r"[-.]([A-Z0-9_]+)$", re.IGNORECASE)
 INVALID_TOKEN = "invalid token, authentication disabled"  # common/hf-cache.cpp, then it reads anonymously
@@ -108,21 +108,14 @@ class GateResult:
         return rows
 
 
-def pairings_from_manifest(manifest: Mapping) -> list[Pairing]:
+def pairings_from_manifest(manifest: Manifest) -> list[Pairing]:
     """Each root trunk with the head the release meant for it and its smoke tokens, from our manifest."""
-    files = manifest["files"]
-    root = [f for f in files if "/" not in f["path"]]
-    heads = {f["quant"]: f["path"] for f in root if f["role"] == "head"}
-    mmproj = next((f["path"] for f in root if "mmproj" in f["path"]), None)
-    smoke = {(s["layout"], s["model"]): s for s in manifest.get("smoke") or []}
-    pairings = []
-    for f in root:
-        if f["role"] != "model":
-            continue
-        record = smoke.get((f["layout"], f["name"]))
-        pairings.append(Pairing(tag=f["quant"], trunk=f["path"], head=heads.get(f["quant"]), mmproj=mmproj,
-                                tokens=tuple(record["tokens"]) if record and record.get("tokens") else None))
-    return pairings
+    root = [f for f in manifest.files if "/" not in f.path]
+    mmproj = next((f.path for f in root if f.role == "mmproj"), None)
+    smoke = {(s.layout, s.model): s.tokens for s in manifest.smoke}
+    return [Pairing(tag=trunk.quant, trunk=trunk.path, head=head.path if head else None, mmproj=mmproj,
+                    tokens=smoke.get((trunk.layout, trunk.name)) or None)
+            for trunk, head in pair_trunks_with_heads(root)]
 
 
 def pairings_from_names(paths: Sequence[str]) -> list[Pairing]:
@@ -130,7 +123,7 @@ def pairings_from_names(paths: Sequence[str]) -> list[Pairing]:
     (``mtp-<stem>.gguf``, i.e. carrying the trunk's tag); tokens are compared with vs. without draft-mtp."""
     root = [p for p in paths if "/" not in p and p.endswith(".gguf")]
     pairings = []
-    has_heads = any(p.startswith("mtp-") for p in root)
+    has_heads = any(is_head(p) for p in root)
     for path in root:
         stem = path.removesuffix(".gguf")
         split = SPLIT.search(stem)
@@ -139,7 +132,8 @@ def pairings_from_names(paths: Sequence[str]) -> list[Pairing]:
         base = SPLIT.sub("", stem)
         if (tag := TAG.search(base)) is None:
             continue
-        pairings.append(Pairing(tag=tag.group(1).upper(), trunk=path, head=f"mtp-{base}.gguf" if has_heads else None,
+        pairings.append(Pairing(tag=tag.group(1).upper(), trunk=path,
+                                head=head_name(f"{base}.gguf") if has_heads else None,
                                 mmproj=next((p for p in root if "mmproj" in p), None), tokens=None))
     return pairings
 
@@ -231,7 +225,7 @@ def _check(repo: str, commit: str, pairing: Pairing, run: tuple[Generation, list
                         hint="main moved during the gate, or llama.cpp loaded nothing from the Hub; rerun")
     picked = [p for _, p in loaded]
     trunks = [p for p in picked if not any(w in PurePosixPath(p).name for w in NOT_A_MODEL)]
-    heads = [p for p in picked if "mtp-" in PurePosixPath(p).name]
+    heads = [p for p in picked if is_head(PurePosixPath(p).name)]
     mmprojs = [p for p in picked if "mmproj" in PurePosixPath(p).name]
     trunk, head, mmproj = (trunks or [None])[0], (heads or [None])[0], (mmprojs or [None])[0]
     if trunk != pairing.trunk:
@@ -297,11 +291,11 @@ def verify_repo(api: HfApi, repo: str, tools: LlamaCpp, work_dir: Path, *, revis
     if MANIFEST in paths:
         work_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="gate-manifest-", dir=work_dir) as cache:
-            manifest = json.loads(Path(api.hf_hub_download(repo, MANIFEST, revision=commit, cache_dir=cache))
-                                  .read_text(encoding="utf-8"))
+            manifest = Manifest.model_validate_json(
+                Path(api.hf_hub_download(repo, MANIFEST, revision=commit, cache_dir=cache)).read_bytes())
         pairings = pairings_from_manifest(manifest)
-        sha256 = {f["path"]: f["sha256"] for f in manifest["files"]}
-        config = manifest.get("config") or {}
+        sha256 = manifest.sha256_by_path()
+        config = manifest.config
         smoke = SmokeSpec(**{k: v for k, v in (config.get("smoke") or {}).items() if k in SmokeSpec.model_fields})
         spec = GateSpec(**{k: v for k, v in (config.get("gate") or {}).items() if k in GateSpec.model_fields})
     else:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mtpress.manifest import read_manifest, write_manifest
+from mtpress.manifest import PackManifest, read_pack_manifest, write_manifest
 from mtpress.stages.card import (
     TEMPLATES_DIR,
     RenderedCard,
@@ -28,8 +28,9 @@ from mtpress.stages.export_mlx import CONTRACT_FILE, verification_level, verifie
 MLX_TEMPLATES_DIR = TEMPLATES_DIR / "mtplx"
 
 
-def render_mlx_card(manifest: Mapping[str, Any]) -> RenderedCard:
-    return render_card_files(MLX_TEMPLATES_DIR, _facts(manifest), mlx_front_matter(manifest))
+def render_mlx_card(manifest: PackManifest) -> RenderedCard:
+    record = manifest.model_dump(mode="json", exclude_unset=True)  # as the file holds it, like the GGUF card
+    return render_card_files(MLX_TEMPLATES_DIR, _facts(record), mlx_front_matter(record))
 
 
 def mlx_front_matter(manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -67,16 +68,16 @@ def record_verification(folder: Path) -> str:
     workflow's macOS job): accept it only as a real record, put it in the pack's manifest, re-render the
     card. Returns the verification level; raises QualityGateError (changing nothing) for anything less."""
     contract = verified_contract(json.loads((folder / CONTRACT_FILE).read_text(encoding="utf-8")))
-    manifest = read_manifest(folder)
-    manifest["pack"]["verification"] = verification_level(contract)
-    manifest["verification"] = contract["verification"]
-    manifest["forge_verify"] = [
-        {"depth": int(row.get("depth") or 0), "tok_s": row.get("tok_s"),
-         "acceptance_by_position": list(row.get("acceptance_by_position") or [])}
-        for row in contract["speed_evidence"]["forge_verify_rows"]]
-    manifest["verified_on"] = contract["verified_on"]
-    manifest.pop("schema_version", None)
-    card = render_mlx_card({**manifest})
+    manifest = read_pack_manifest(folder)
+    level = verification_level(contract)
+    manifest = manifest.model_copy(update={
+        "pack": {**manifest.pack, "verification": level},
+        "verification": contract["verification"],
+        "forge_verify": [{"depth": int(row.get("depth") or 0), "tok_s": row.get("tok_s"),
+                          "acceptance_by_position": list(row.get("acceptance_by_position") or [])}
+                         for row in contract["speed_evidence"]["forge_verify_rows"]],
+        "verified_on": contract["verified_on"]})
+    card = render_mlx_card(manifest)
     write_manifest(folder, manifest)
     write_card(folder, card)
-    return manifest["pack"]["verification"]
+    return level

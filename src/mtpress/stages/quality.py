@@ -17,70 +17,16 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from typing import Any
 
 from mtpress.errors import ConfigError, ToolchainError
 from mtpress.fsutil import sha256_file
+from mtpress.schema import IMATRIX_REQUIRED, MIN_SCORED_TOKENS, QualitySpec, fewest_chunks, scored_per_chunk
 from mtpress.stages.bench import DEMO_TAG, gguf_metadata
 from mtpress.stages.gguf_files import GgufFile
 from mtpress.toolchain import LlamaCpp, run_tool
 
 CALIBRATION_RESOURCE = "data/calibration.txt"
-# llama-quantize refuses these without an importance matrix: they produce IQ2_S / IQ3_XXS tensors
-# (tensor_requires_imatrix in src/llama-quant.cpp).
-IMATRIX_REQUIRED = frozenset({"IQ2_M", "IQ3_XXS"})
-# llama-perplexity --kl-divergence prints no statistics at all below this many scored tokens
-# (tools/perplexity/perplexity.cpp, kl_divergence: "if (kld.count < 100) return;").
-MIN_SCORED_TOKENS = 100
-
-
-def scored_per_chunk(ctx_size: int) -> int:
-    """Tokens llama-perplexity scores in one chunk: the second half, less the last (it has no next token)."""
-    return ctx_size - 1 - ctx_size // 2
-
-
-def fewest_chunks(ctx_size: int) -> int:
-    """The fewest chunks of ``ctx_size`` tokens that llama-perplexity summarises."""
-    return -(-MIN_SCORED_TOKENS // scored_per_chunk(ctx_size))
-
-
-class QualitySpec(BaseModel):
-    """How to measure quality; the release config's ``quality:`` section."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = True  # the flow runs the stage only when true
-    calibration: Path | None = Field(default=None, description="plain text; default: the shipped calibration.txt")
-    ctx_size: Annotated[int, Field(ge=16, le=8192)] = 128
-    chunks: Annotated[int, Field(ge=1)] = 16  # at most; a short text yields fewer (tokens // ctx_size)
-    threads: Annotated[int, Field(ge=1)] | None = None  # None: every core
-    timeout_s: Annotated[float, Field(gt=0)] = 3 * 3600.0  # per tool run
-    imatrix_quants: tuple[str, ...] = Field(default=(), description="quant types made with an importance matrix; "
-                                            f"{', '.join(sorted(IMATRIX_REQUIRED))} always are")
-
-    @field_validator("imatrix_quants")
-    @classmethod
-    def _known_quants(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        from mtpress.schema import QUANT_TYPES  # deferred: the schema imports this module
-
-        unknown = [q for q in value if q not in QUANT_TYPES or q in ("BF16", "F16")]
-        if unknown:
-            raise ValueError(f"not quant types that take an importance matrix: {', '.join(unknown)}")
-        return value
-
-    @model_validator(mode="after")
-    def _enough_chunks(self) -> QualitySpec:
-        per_chunk, fewest = scored_per_chunk(self.ctx_size), fewest_chunks(self.ctx_size)
-        if self.chunks < fewest:
-            raise ValueError(
-                f"chunks: {self.chunks} chunk(s) of {self.ctx_size} tokens score {self.chunks * per_chunk} tokens, "
-                f"and llama-perplexity prints its KL-divergence statistics only from {MIN_SCORED_TOKENS} (it scores "
-                f"{per_chunk} per chunk, the second half less one): set chunks to at least {fewest}, or raise ctx_size")
-        return self
-
-
 @dataclass(frozen=True)
 class Estimate:
     """A figure as llama-perplexity prints it: value, its ± uncertainty (None where it prints none), unit."""
@@ -156,7 +102,7 @@ def quality(bf16: GgufFile, quants: list[GgufFile], spec: QualitySpec, tools: Ll
     calibration = calibration_file(spec)
     threads = str(spec.threads or os.cpu_count() or 2)
     work_dir.mkdir(parents=True, exist_ok=True)
-    base_logits = work_dir / f"{bf16.path.stem}.kld-base"
+    base_logits = work_dir / f"{bf16.path.stem}.kld-base.partial"  # a killed run's copy is removed by the rerun
     # One sequence per batch (-b = -c): the default batch of 2048 would hold 16 sequences of logits at once,
     # 2 GB at a 248k vocabulary.
     window = ["-c", str(spec.ctx_size), "-b", str(spec.ctx_size), "-t", threads]

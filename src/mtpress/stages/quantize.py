@@ -7,7 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from mtpress.archs.base import ArchSpec
-from mtpress.stages.convert import describe_gguf, gguf_name
+from mtpress.naming import gguf_name
+from mtpress.stages.convert import describe_gguf
 from mtpress.stages.gguf_files import GgufFile
 from mtpress.toolchain import LlamaCpp, run_tool
 

@@ -23,11 +23,10 @@ import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
 import requests
-from pydantic import BaseModel, ConfigDict, Field
 
 from mtpress.archs.base import ArchSpec
 from mtpress.checkpoint import INDEX, ModelDir
@@ -35,6 +34,7 @@ from mtpress.errors import ModelError, ToolchainError, TrunkMismatchError
 from mtpress.fsutil import atomic_path, link_or_copy, sha256_file, write_text_atomic
 from mtpress.manifest import hardware
 from mtpress.safetensors_io import read_header
+from mtpress.schema import HeadSpec
 from mtpress.stages.bench import first_per_domain, load_prompts
 from mtpress.stages.gguf_files import GgufFile
 from mtpress.stages.inject import HEAD_SHARD
@@ -44,45 +44,10 @@ from mtpress.toolchain.server import llama_server
 PROMPTS_RESOURCE = "data/realign_prompts.jsonl"
 DATA_FORMAT = 1
 DATA_FILE = "hidden-states.json"
-HeadSource = Literal["copy", "realign", "best"]
 TRAINER = Path(__file__).parents[1] / "realign_trainer.py"  # runs under the converter's Python, which has torch
 # The HeadSpec keys the trainer reads: a change to any of them is a different head.
 TRAINER_KEYS = {"seed", "max_steps", "batch_sequences", "learning_rate", "eval_every", "patience", "loss",
                 "candidates", "device", "threads", "heldout_fraction"}
-
-
-class HeadSpec(BaseModel):
-    """Which head the release publishes, and how a re-aligned one is trained; the config's ``head:`` section.
-
-    ``copy``: the donor's head as injected. ``realign``: a head trained on the fine-tune's own output.
-    ``best``: both are measured by the bench on the same files and prompts, and the head with the higher
-    acceptance by llama.cpp's draft counts is published.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    source: HeadSource = "copy"
-    prompts: Path | None = Field(default=None, description="JSONL of {id, domain, prompt}; default: the shipped set")
-    per_domain: Annotated[int, Field(ge=1)] | None = None  # the first N prompts of each domain; None: all
-    n_predict: Annotated[int, Field(ge=8, le=4096)] = 256  # greedy tokens generated per prompt
-    heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25  # of the sequences; early stopping watches them
-    seed: int = 0
-    max_steps: Annotated[int, Field(ge=1)] = 400
-    batch_sequences: Annotated[int, Field(ge=1)] = 8
-    learning_rate: Annotated[float, Field(gt=0)] = 1e-3
-    eval_every: Annotated[int, Field(ge=1)] = 25
-    patience: Annotated[int, Field(ge=1)] = 4  # evaluations without a better held-out acceptance before stopping
-    # "hidden": match the trunk's hidden state h_q, which decides its next token through the shared lm_head,
-    # at every position (no vocabulary-sized product, so CPU-cheap). "cross-entropy": the trunk's generated
-    # next token, over ``candidates`` tokens (those the trunk said plus random others; None = the vocabulary).
-    loss: Literal["hidden", "cross-entropy"] = "hidden"
-    candidates: Annotated[int, Field(ge=2)] | None = 8192
-    device: str = "cpu"  # any torch device the converter's torch supports, e.g. "cuda"
-    threads: Annotated[int, Field(ge=1)] = 2  # fixed, so results do not depend on the machine's core count
-    timeout_s: Annotated[float, Field(gt=0)] = 6 * 3600.0
-    # A Prefect deployment ("flow/deployment", e.g. "realign/realign" on a GPU work pool) that collects and trains
-    # on another machine, which reads the inputs from the Hub and commits the head to the exchange repo; None: here.
-    deployment: str | None = None
 
 
 @dataclass(frozen=True)
