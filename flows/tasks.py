@@ -1,14 +1,116 @@
-"""Stages more than one flow runs, wrapped as Prefect tasks once, with their retries."""
+"""The stages as Prefect tasks: each named for what it works on, retried only when its error is transient.
+
+The publish flow's tasks take the run's ``Build`` (flows/release.py) and go through its content cache: a
+result reused from an earlier run is a Cached task run in the UI, with the reason. The first four are
+shared with the re-alignment flow, which composes its own stages.
+"""
 
 from __future__ import annotations
 
-from prefect import task
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
+from flows.release import Build, lane_threads
 from flows.retries import retry_if_transient
-from mtpress.stages import bench, convert, download, inject
+from mtpress.cache import cache_key
+from mtpress.concurrency import occupy
+from mtpress.errors import PublishError
+from mtpress.hub.client import hub_api
+from mtpress.naming import pair_trunks_with_heads
+from mtpress.schema import Source
+from mtpress.stage_keys import convert_key, quantize_key
+from mtpress.stages import bench, convert, download, inject, quality, quantize, smoke
+from mtpress.stages.gguf_files import GgufFile
+from mtpress.stages.publish import preupload
 
 fetch_task = task(download.fetch, name="fetch", retries=3, retry_delay_seconds=[2, 10, 30],
                   retry_condition_fn=retry_if_transient)
 inject_task = task(inject.inject, name="inject")
 convert_task = task(convert.convert, name="convert")
 bench_task = task(bench.bench, name="bench")
+
+# Content-keyed by the stage cache; Prefect's own input hashing would only repeat it, slower.
+publish_task_options = {"cache_policy": NO_CACHE}
+
+
+@task(name="fetch", task_run_name="fetch {role}", retries=3, retry_delay_seconds=[2, 10, 30],
+      retry_condition_fn=retry_if_transient, **publish_task_options)
+def fetch_checkpoint(role: str, source: Source, build_dir) -> download.ModelDir:
+    return download.fetch(source, build_dir)
+
+
+@task(name="mmproj", task_run_name="mmproj", **publish_task_options)
+def export_mmproj(build: Build) -> GgufFile:
+    """One vision encoder (kept at BF16) serves every trunk of both layouts, from the repo root, where
+    `-hf user/repo:QUANT` picks it up as the model's mmproj sibling."""
+    layout = build.cfg.layouts[0]
+    return build.cached("mmproj", cache_key(build.model_digest, "mmproj", build.cfg.name, build.tools.version),
+                        "mmproj", convert.export_mmproj, build.model, build.release.arch, layout,
+                        name=build.cfg.name, tools=build.tools, out_dir=build.out_dir(layout))
+
+
+@task(name="convert", task_run_name="convert {layout}", **publish_task_options)
+def convert_layout(build: Build, layout: str) -> list[GgufFile]:
+    """The layout's BF16 files: a model, and in the sidecar layout its head."""
+    return build.cached("convert", convert_key(build.model_digest, layout, build.cfg, build.tools),
+                        f"convert {layout}", convert.convert, build.model, build.release.arch, layout,
+                        name=build.cfg.name, tools=build.tools, out_dir=build.out_dir(layout))
+
+
+@task(name="quantize", task_run_name="quantize {layout}/{quant}", **publish_task_options)
+def quantize_layout(build: Build, layout: str, quant: str, bf16: list[GgufFile]) -> list[GgufFile]:
+    """Each BF16 file of the layout at ``quant`` (each cached on its own: the disk preflight asks per file),
+    holding the machine's quantize slot: llama-quantize takes every core, two at once only slow each other."""
+    def quantize_one(source: GgufFile) -> GgufFile:
+        with occupy("quantize-cpu"):
+            return quantize.quantize(source, quant, build.release.arch, build.model.config, name=build.cfg.name,
+                                     tools=build.tools, head_type=build.cfg.head_type)
+
+    done = [build.reuse_or_run("quantize", quantize_key(f, quant, build.cfg, build.tools), quantize_one, f)
+            for f in bf16]
+    return build.report(f"quantize {layout}/{quant}", [f for f, _ in done], all(reused for _, reused in done))
+
+
+@task(name="smoke", task_run_name="smoke {layout}/{quant}", retries=1, retry_condition_fn=retry_if_transient,
+      **publish_task_options)
+def smoke_variant(build: Build, layout: str, quant: str, files: list[GgufFile], mmproj: GgufFile | None
+                  ) -> smoke.SmokeResult:
+    """Greedy output with and without draft-mtp, drafts accepted above the floor (only a timeout is retried: a
+    mismatch or a dead head fails the same way again). Its server takes a few cores beside a quantize."""
+    [(model, head)] = pair_trunks_with_heads(files)
+    key = cache_key(model.sha256, head.sha256 if head else None, mmproj.sha256 if mmproj else None,
+                    build.cfg.smoke.model_dump(), build.tools.version)
+    return build.cached("smoke", key, f"smoke {layout}/{model.name}", smoke.smoke, model, head, build.cfg.smoke,
+                        build.tools, mmproj, threads=lane_threads())
+
+
+@task(name="preupload", task_run_name="preupload {layout}/{quant}", **publish_task_options)
+def preupload_variant(build: Build, layout: str, quant: str, files: list[GgufFile]) -> int:
+    """Send finished files to the private staging repo while the rest builds; bytes sent. A failure costs
+    nothing (the staging commit sends whatever is missing), so it is logged, not raised."""
+    try:
+        return preupload(files, build.release.release_dir, build.release.staging, hub_api())
+    except PublishError as e:
+        get_run_logger().warning("%s", e)
+        return 0
+
+
+@task(name="bench", task_run_name="bench {quant}", **publish_task_options)
+def bench_variant(build: Build, quant: str, model: GgufFile, head: GgufFile | None) -> bench.BenchResult:
+    """Plain vs draft-mtp speed, holding the machine's bench slot: timings need the machine to themselves."""
+    def measure() -> bench.BenchResult:
+        with occupy("bench-gpu"):
+            return bench.bench(model, head, build.cfg.bench, build.tools)
+
+    key = cache_key(model.sha256, head.sha256 if head else None, build.cfg.bench.model_dump(mode="json"),
+                    build.tools.version)
+    return build.cached("bench", key, f"bench {model.name}", measure)
+
+
+@task(name="quality", task_run_name="quality", **publish_task_options)
+def measure_quality(build: Build, models: list[GgufFile]) -> quality.QualityResult:
+    """Perplexity and KL-divergence of every model file against the BF16 one."""
+    bf16 = next(f for f in models if f.quant == "BF16")
+    key = cache_key([f.sha256 for f in models], build.cfg.quality.model_dump(mode="json"), build.tools.version)
+    return build.cached("quality", key, "quality: perplexity and KL-divergence against BF16", quality.quality, bf16,
+                        [f for f in models if f is not bf16], build.cfg.quality, build.tools, build.release.work)

@@ -208,6 +208,7 @@ def artifacts_preview(manifest: dict) -> None:
         update_progress_artifact,
     )
 
+    from mtpress.manifest import Manifest
     from mtpress.stages.card import render_card
 
     @flow(name="publish-artifacts-preview", log_prints=True)
@@ -226,7 +227,7 @@ def artifacts_preview(manifest: dict) -> None:
                               table=[{"file": s["model"], "layout": s["layout"], "identical": s["tokens_identical"],
                                       "drafted": s["drafted"], "accepted": s["accepted"],
                                       "acceptance": round(s["acceptance"] or 0, 3)} for s in manifest["smoke"]])
-        create_markdown_artifact(render_card(manifest).files["README.md"], key=f"{key}-card",
+        create_markdown_artifact(render_card(Manifest.model_validate(manifest)).files["README.md"], key=f"{key}-card",
                                  description="model card preview (sample manifest)")
         target = manifest["config"]["target"]["repo"]
         create_link_artifact(f"{os.environ['HF_ENDPOINT']}/{target}", link_text=target, key=f"{key}-repo",

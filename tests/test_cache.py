@@ -111,7 +111,7 @@ def test_a_changed_stage_reruns_and_an_unrelated_change_does_not(tmp_path, monke
     editing a module it does not reach leaves them reusable."""
     import importlib
 
-    from flows import cache as cache_module
+    from mtpress import cache as cache_module
     from mtpress.code_digest import code_digest
 
     package = tmp_path / "src" / "fakepress"

@@ -407,17 +407,20 @@ def test_bench_names_pooled_and_per_position_acceptance_in_both_languages(manife
 
 def test_measurements_of_later_stages_are_shown_with_the_hardware(manifest):
     manifest = measured(manifest)
-    manifest["gate"] = {"greedy_identical": True, "min_acceptance": 0.5}
+    manifest["gate"] = [{"client": "llama.cpp -hf", "version": "b11434", "request": "-hf x/y-staging:Q4_K_M",
+                         "trunk": "T-Q4_K_M.gguf", "head": "mtp-T-Q4_K_M.gguf", "mmproj": "", "matches": "16/16 tokens",
+                         "drafted": 12, "accepted": 8}]  # the release gate's rows (GateResult.table())
     card = card_of(manifest)
     english = card.files["README.md"]
     assert ("| `sidecar/Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf` | `mtp-k1` | 12.6 (0.0) | 151.0 | 60 | 45 | 75.0% |"
             in english)
     assert "| `embedded/Tiny-Qwen3.5-Demo-FT-MTP-BF16.gguf` | `BF16` | 8.48009e+07 ± 1.8536e+07 | 1.0000 |" in english
-    assert "| `greedy_identical` | ✅ yes |" in english and "| `min_acceptance` | 0.5 |" in english
+    gate_row = ("| llama.cpp -hf | b11434 | -hf x/y-staging:Q4\\_K\\_M | T-Q4\\_K\\_M.gguf | mtp-T-Q4\\_K\\_M.gguf |  "
+                "| 16/16 tokens | 12 | 8 |")
+    assert gate_row in english
     assert "Measured on AMD EPYC 7B13 (2 cores), no GPU, Linux 6.1.0, with llama.cpp build 11434." in english
     assert "8 chunks of 128 tokens, each scored on its second half (504 tokens in all)" in english
-    assert "| 检查项 | 结果 |" in card.files["README_zh.md"]
-    assert "| `greedy_identical` | ✅ 是 |" in card.files["README_zh.md"]
+    assert gate_row in card.files["README_zh.md"]
     assert "**Quality against the unquantized model:** not measured." in card_of(
         {k: v for k, v in manifest.items() if k != "quality_details"}).files["README.md"]
 

@@ -72,7 +72,8 @@ def test_a_cast_head_says_whether_it_was_lossy(manifest, cast, says):
 
 
 def test_own_head_passthrough_says_the_head_is_its_own(manifest):
-    manifest["inject"] = {"action": "passthrough", "reason": "already carries its own MTP head", "head": None}
+    manifest["inject"] = {"action": "passthrough", "reason": "already carries its own MTP head", "head": None,
+                          "bytes_written": 0}
     manifest["inputs"]["donor"] = None
     manifest["config"]["donor"] = None
     en, zh = render(manifest)
@@ -129,7 +130,8 @@ def test_no_head_release_says_so_everywhere(manifest):
 def test_an_unused_donor_is_not_credited(manifest):
     """A fine-tune that kept its own head: the configured donor gave nothing, so the card names it nowhere
     (a manifest may still list it under inputs, as one written before the flow dropped unused donors did)."""
-    manifest["inject"] = {"action": "passthrough", "reason": "already carries its own MTP head", "head": None}
+    manifest["inject"] = {"action": "passthrough", "reason": "already carries its own MTP head", "head": None,
+                          "bytes_written": 0}
     card = card_of(manifest)
     donor = manifest["inputs"]["donor"]["repo"]
     for text in card.files.values():
@@ -142,7 +144,7 @@ def test_the_flow_records_no_unused_donor_and_names_local_folders_without_their_
     """The manifest records of the publish flow, built without running it, from real local checkpoints: the
     fine-tune and donor are named by folder name and content digest; no path of this machine reaches the manifest
     or either card; a fine-tune that kept its own head records no donor."""
-    from flows.publish import _config_label, _config_record, _inputs
+    from flows.record import _config_label, _config_record, input_records
     from mtpress.fsutil import dir_digest
     from mtpress.schema import load_release_config
     from mtpress.stages.download import fetch
@@ -164,7 +166,7 @@ def test_the_flow_records_no_unused_donor_and_names_local_folders_without_their_
     manifest = json.loads(SAMPLE.read_text(encoding="utf-8"))
     manifest |= jsonable({
         "config_file": _config_label(config_file), "config": _config_record(cfg),
-        "inputs": _inputs(cfg, ARCH, finetune, donor, injected),
+        "inputs": input_records(cfg, ARCH, finetune, donor, injected),
         "inject": {"action": injected.action, "reason": injected.reason, "head": injected.head,
                    "bytes_written": injected.bytes_written, "vocabulary": injected.vocabulary}})
     card = card_of(manifest)
@@ -186,7 +188,7 @@ def test_the_flow_records_no_unused_donor_and_names_local_folders_without_their_
 
     own = fetch(cfg.finetune.model_copy(update={"path": private / "My-Own-Head-FT"}), tmp_path / "cache")
     kept = inject(own, donor, ARCH, tmp_path / "work" / "own")
-    assert kept.action == "passthrough" and _inputs(cfg, ARCH, own, donor, kept)["donor"] is None
+    assert kept.action == "passthrough" and input_records(cfg, ARCH, own, donor, kept)["donor"] is None
 
 
 def test_the_mtplx_card_names_a_local_fine_tune_by_folder_and_digest():

@@ -79,6 +79,13 @@ def test_a_patch_that_does_not_apply_is_refused_by_name_and_retried_next_time(st
     assert "def row_chunks" in (resolve_toolchain(build=False).source_dir / "conversion" / "base.py").read_text()
 
 
+def test_without_the_patch_program_the_error_says_to_install_it(stale, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-programs-here"))
+    with pytest.raises(ToolchainError, match=r"needs the `patch` program.*\n.*apt-get install patch"):
+        resolve_toolchain(build=False)
+    assert "patches" not in json.loads((stale / llama_cpp.STAMP).read_text())
+
+
 @pytest.fixture(scope="module")
 def unmodified_converter(toolchain, tmp_path_factory):
     """convert_hf_to_gguf.py, conversion/ and gguf-py/ straight from the pinned sdist."""

@@ -195,7 +195,8 @@ def test_pack_card_publish_and_apple_silicon_verification(exported, local_hub):
                                  license=None, spec=spec, tools={"mlx": "0.32.4", "mlx_lm": "0.32.2",
                                                                  "mtplx": "2.12.2"},
                                  inputs={"finetune": {"repo": "me/Tiny", "label": "me/Tiny@main",
-                                                      "revision": "a" * 40, "license": "apache-2.0"}}, seconds={})
+                                                      "revision": "a" * 40, "license": "apache-2.0", "files": {}}},
+                                 seconds={})
     assert facts["verification"] == UNVERIFIED and facts["head_dtype"] == "bf16" and facts["bits"] == 4
     readme = (pack.path / "README.md").read_text()
     matter = ModelCard(readme).data.to_dict()

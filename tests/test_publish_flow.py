@@ -81,6 +81,13 @@ def test_every_model_file_passed_smoke_with_identical_tokens_and_drafts(release)
         assert 0 < result["accepted"] <= result["drafted"]
 
 
+def test_the_manifest_reads_typed_and_writes_back_byte_for_byte(release, tmp_path):
+    from mtpress.manifest import MANIFEST, read_manifest, write_manifest
+
+    write_manifest(tmp_path, read_manifest(release["dir"]))
+    assert (tmp_path / MANIFEST).read_bytes() == (release["dir"] / MANIFEST).read_bytes()
+
+
 def test_manifest_records_inputs_toolchain_and_head_provenance(release):
     manifest = release["manifest"]
     assert manifest["toolchain"]["llama_cpp"] == "11434"
@@ -108,9 +115,21 @@ def test_rerunning_the_flow_reuses_every_stage_and_makes_no_commit(release):
     api, before = release["api"], (release["dir"] / "manifest.json").read_bytes()
     repo = release["manifest"]["config"]["target"]["repo"]
     commits = api.list_repo_commits(repo)
-    publish(str(DEMO), str(release["dir"]))
+    rerun = publish(str(DEMO), str(release["dir"]), return_state=True)
     assert (release["dir"] / "manifest.json").read_bytes() == before
     assert api.list_repo_commits(repo) == commits
+    # In the UI, every stage still shows as a task run named for what it works on, Cached and saying why.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = {t.name: t.state for t in client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[rerun.state_details.flow_run_id])), limit=200)}
+    stages = [f"{kind} {layout}/{quant}" for kind in ("quantize", "smoke") for layout in ("sidecar", "embedded")
+              for quant in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")] + ["convert sidecar", "convert embedded", "quality"]
+    for name in stages:
+        assert runs[name].name == "Cached" and "same inputs with the same code" in runs[name].message, name
+    assert {"fetch fine-tune", "fetch donor", "bench Q4_K_M"} <= set(runs)
 
 
 def test_republishing_makes_no_commit_and_a_template_change_touches_only_the_card(release, tmp_path):

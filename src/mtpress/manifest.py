@@ -205,12 +205,10 @@ class PackManifest(_Document):
     verified_on: Record | None = None
 
 
-def write_manifest(release_dir: Path, manifest: Manifest | PackManifest | dict[str, Any]) -> Path:
+def write_manifest(release_dir: Path, manifest: Manifest | PackManifest) -> Path:
     """Write what the manifest's writer stated, and no more: a field left at its default (a later section not yet
     added, a fact an older manifest lacks) is left out, not written as null, so reading and rewriting any
     manifest changes none of its bytes."""
-    if isinstance(manifest, dict):  # flows/publish.py's dict, until it builds a Manifest (issue 19): delete then
-        manifest = Manifest.model_validate(jsonable(manifest))
     data = {"schema_version": manifest.schema_version, **manifest.model_dump(mode="json", exclude_unset=True)}
     path = release_dir / MANIFEST
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

@@ -17,6 +17,7 @@ HEAD_PREFIX = "mtp-"
 MMPROJ_PREFIX = "mmproj-"
 ROLE_PREFIX = {"head": HEAD_PREFIX, "mmproj": MMPROJ_PREFIX}
 GGUF_SUFFIX = ".gguf"
+GGUF_REPO_SUFFIX = "-GGUF"
 MTPLX_SUFFIX = "-MTPLX"  # the Apple Silicon pack: its folder beside the release's, its repo beside the GGUF one
 
 F = TypeVar("F")
@@ -57,10 +58,20 @@ def realign_repo(repo: str) -> str:
     return f"{repo}-realign"
 
 
-def default_mlx_repo(gguf_repo: str) -> str:
-    """``owner/Name-GGUF`` → ``owner/Name-MTPLX``; a name without the suffix gets ``-MTPLX`` appended."""
-    owner, name = gguf_repo.split("/", 1)
-    return f"{owner}/{name.removesuffix('-GGUF')}{MTPLX_SUFFIX}"
+def watched_release_name(finetune_repo: str) -> str:
+    """The release the watcher makes of a fine-tune: ``owner/Name`` → ``Name-MTP``."""
+    return f"{finetune_repo.split('/', 1)[1]}-MTP"
+
+
+def gguf_repo(namespace: str, release: str) -> str:
+    return f"{namespace}/{release}{GGUF_REPO_SUFFIX}"
+
+
+def default_mlx_repo(repo: str) -> str:
+    """The MTPLX pack's repo beside the GGUF ``repo``: ``owner/Name-GGUF`` → ``owner/Name-MTPLX``; a name without
+    the suffix gets ``-MTPLX`` appended."""
+    owner, name = repo.split("/", 1)
+    return f"{owner}/{name.removesuffix(GGUF_REPO_SUFFIX)}{MTPLX_SUFFIX}"
 
 
 def mlx_release_name(release: str) -> str:

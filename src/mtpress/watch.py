@@ -35,7 +35,8 @@ from pydantic import Field, ValidationError, field_validator
 from mtpress.archs import arch_for_config
 from mtpress.errors import ConfigError, MtpressError, UnsupportedArchitectureError
 from mtpress.fsutil import write_text_atomic
-from mtpress.schema import REPO_ID, Layout, ReleaseConfig, Source, StrictModel, load_release_config
+from mtpress.naming import gguf_repo, watched_release_name
+from mtpress.schema import Layout, ReleaseConfig, RepoId, Source, StrictModel, load_release_config
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -57,15 +58,8 @@ Relation = Literal["finetune", "merge"]
 class WatchedBase(StrictModel):
     """A base model whose descendants we watch, and the repo that gives them its MTP head."""
 
-    repo: str
-    donor: str | None = Field(default=None, description="default: the base itself, which ships the head")
-
-    @field_validator("repo", "donor")
-    @classmethod
-    def _repo_id(cls, value: str | None) -> str | None:
-        if value is not None and not REPO_ID.match(value):
-            raise ValueError(f"{value!r} is not a Hub repo id of the form 'owner/name'")
-        return value
+    repo: RepoId
+    donor: RepoId | None = Field(default=None, description="default: the base itself, which ships the head")
 
     @property
     def head_donor(self) -> str:
@@ -210,8 +204,8 @@ def _relation(tags: tuple[str, ...], parent: str) -> str:
 
 def release_target(repo: str, policy: WatchPolicy) -> tuple[str, str]:
     """(release name, target repo) for a fine-tune: ``<name>-MTP`` in ``<target_namespace>/<name>-MTP-GGUF``."""
-    name = f"{repo.split('/', 1)[1]}-MTP"
-    return name, f"{policy.target_namespace}/{name}-GGUF"
+    name = watched_release_name(repo)
+    return name, gguf_repo(policy.target_namespace, name)
 
 
 def inspect_candidate(candidate: Candidate, policy: WatchPolicy, api: HfApi) -> CandidateInfo:

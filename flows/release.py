@@ -1,0 +1,207 @@
+"""What one publish run works with, and its run-wide duties around the stages.
+
+``open_release`` does what must happen before any work: read the config, check the token can publish,
+make this run the only one using the release folder, remove what a killed run left, resolve the
+toolchain. ``Release.building`` then fixes the checkpoint the files are built from and checks the disk
+for them. Tasks get the ``Build`` and report to its ``Progress`` (a line in the terminal, a progress
+artifact in the UI) and its content cache (a reused result is a Cached task run that says why).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from uuid import UUID
+
+from prefect import Task, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import PrefectFuture, wait
+from prefect.states import Completed, State
+
+from flows.mlx_pack import mlx_target
+from flows.secrets import use_token_from_secret
+from mtpress.archs import get_arch
+from mtpress.archs.base import ArchSpec
+from mtpress.cache import StageCache
+from mtpress.checkpoint import ModelDir
+from mtpress.fsutil import dir_digest, hold_folder, remove_stale_partials
+from mtpress.hub.client import hub_api
+from mtpress.naming import artifact_key, layout_dir
+from mtpress.schema import ReleaseConfig, Target, load_release_config
+from mtpress.stage_keys import reused_outputs
+from mtpress.stages.inject import InjectResult
+from mtpress.stages.preflight import check_disk_space, planned_output_bytes
+from mtpress.stages.publish import check_write_access
+from mtpress.toolchain import LlamaCpp, resolve_toolchain
+
+T = TypeVar("T")
+
+
+@dataclass
+class Progress:
+    """``[done/total] what`` in the log and a progress artifact in the UI; tasks report from any thread."""
+
+    total: int
+    artifact: UUID
+    done: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def start(cls, total: int, key: str) -> Progress:
+        return cls(total, create_progress_artifact(0.0, key=key, description="release build progress"))
+
+    def advance(self, what: str) -> None:
+        with self._lock:
+            self.done += 1
+            get_run_logger().info("[%d/%d] %s", self.done, self.total, what)
+            update_progress_artifact(self.artifact, 100.0 * min(self.done, self.total) / self.total)
+
+    def finish(self) -> None:
+        update_progress_artifact(self.artifact, 100.0)
+
+
+@dataclass(frozen=True)
+class Release:
+    cfg: ReleaseConfig
+    config_path: Path
+    arch: ArchSpec
+    tools: LlamaCpp
+    release_dir: Path
+    work: Path
+    cache: StageCache
+    push: bool
+    dry_run: bool
+
+    @property
+    def staging(self) -> Target | None:
+        """The private repo the gate verifies; finished files are pre-uploaded there while the rest builds."""
+        return self.cfg.target.staging if self.push and self.cfg.gate.enabled and not self.dry_run else None
+
+    def key(self, what: str) -> str:
+        return artifact_key(self.cfg.name, what)
+
+    def building(self, injected: InjectResult) -> Build:
+        """The build of ``injected``'s checkpoint, once the disk is known to hold what it will write."""
+        cfg, model = self.cfg, injected.model
+        digest = dir_digest(model.path)
+        # What the cache already holds writes nothing: a nearly full disk must not refuse a rerun.
+        check_disk_space(self.release_dir, planned_output_bytes(model, self.arch, cfg,
+                                                                reused_outputs(self.cache, digest, cfg, self.tools)))
+        has_head = injected.action != "no-head"
+        # Without a head both layouts would hold the same plain trunk: build the first only, and bench nothing.
+        layouts = cfg.layouts if has_head else cfg.layouts[:1]
+        has_vision = cfg.mmproj and self.arch.has_vision(model.config)
+        variants = len(layouts) * (1 + len(cfg.quants))
+        benches = len(bench_quants(cfg)) if cfg.bench.enabled and has_head else 0
+        steps = 2 * variants + benches + int(cfg.quality.enabled) + int(has_vision)
+        return Build(self, injected, model, digest, has_head, tuple(layouts), has_vision,
+                     Progress.start(steps, self.key("progress")))
+
+
+@dataclass(frozen=True)
+class Build:
+    """A release built from one checkpoint: what every publish task gets."""
+
+    release: Release
+    injected: InjectResult
+    model: ModelDir
+    model_digest: str
+    has_head: bool
+    layouts: tuple[str, ...]
+    has_vision: bool
+    progress: Progress
+
+    @property
+    def cfg(self) -> ReleaseConfig:
+        return self.release.cfg
+
+    @property
+    def tools(self) -> LlamaCpp:
+        return self.release.tools
+
+    def out_dir(self, layout: str) -> Path:
+        """The first layout sits at the repo root, where `-hf user/repo:QUANT` looks; others in a subfolder."""
+        return layout_dir(self.release.release_dir, layout, self.cfg.layouts)
+
+    def reuse_or_run(self, stage: str, key: str, compute: Callable[..., T], *args: Any, **kwargs: Any
+                     ) -> tuple[T, bool]:
+        """``compute(*args, **kwargs)`` through the content cache; and whether an earlier run's result was reused."""
+        reused = self.release.cache.lookup(stage, key) is not None
+        return self.release.cache.run(stage, key, compute, *args, **kwargs), reused
+
+    def report(self, what: str, result: T, reused: bool) -> T | State:
+        """One progress step; a result reused from an earlier run comes back as a Cached state, so the task run
+        shows it in the UI, and why."""
+        self.progress.advance(f"{what} (reused)" if reused else what)
+        if reused:
+            return Completed(name="Cached", data=result,
+                             message="reused: an earlier run made it from the same inputs with the same code, "
+                                     "and its outputs are intact")
+        return result
+
+    def cached(self, stage: str, key: str, what: str, compute: Callable[..., T], *args: Any, **kwargs: Any
+               ) -> T | State:
+        return self.report(what, *self.reuse_or_run(stage, key, compute, *args, **kwargs))
+
+
+class Lane:
+    """Tasks submitted to a lane run one at a time, in order: each waits for the one before (``wait_for``)."""
+
+    def __init__(self) -> None:
+        self.futures: list[PrefectFuture] = []
+
+    def submit(self, task: Task, *args: Any, **kwargs: Any) -> PrefectFuture:
+        future = task.submit(*args, wait_for=self.futures[-1:], **kwargs)
+        self.futures.append(future)
+        return future
+
+
+def settle(futures: Sequence[PrefectFuture | None]) -> list:
+    """Every result (None for None), once all have finished. The first failure is raised: the task that failed,
+    not the ones left NotReady behind it (a lane, or the matrix waiting for the BF16 smoke test)."""
+    submitted = [future for future in futures if future is not None]
+    wait(submitted)
+    for future in submitted:
+        if future.state.is_failed() or future.state.is_crashed():
+            future.result()
+    return [future.result() if future is not None else None for future in futures]
+
+
+def bench_quants(cfg: ReleaseConfig) -> list[str]:
+    return [q for q in ("BF16", *cfg.quants) if cfg.bench.quants is None or q in cfg.bench.quants]
+
+
+def open_release(config: str, output: str | None, *, push: bool, dry_run: bool, token_secret: str | None
+                 ) -> Release:
+    """Everything that must hold before any download: fails at once, with nothing half-done."""
+    log = get_run_logger()
+    use_token_from_secret(token_secret)
+    cfg = load_release_config(Path(config))
+    if push and not dry_run:  # a token that cannot publish there fails now, not after the build
+        check_write_access(hub_api(), cfg.target, *([cfg.target.staging] if cfg.gate.enabled else []),
+                           *([mlx_target(cfg)] if cfg.mlx else []))
+    release_dir = Path(output or Path("releases") / cfg.name).resolve()
+    work = release_dir.parent / f".work-{cfg.name}"
+    # One run per release folder (and work folder, which other release folders of this name share): what is
+    # removed next can only be what a killed run left, never a running one's partial files.
+    for folder in (release_dir, work):
+        hold_folder(folder)
+    if stale := remove_stale_partials(release_dir) + remove_stale_partials(work):
+        log.warning("removed %d leftovers of an interrupted run: %s", len(stale), ", ".join(p.name for p in stale))
+    tools = resolve_toolchain()
+    log.info("llama.cpp b%s (%s)", tools.version, tools.origin)
+    return Release(cfg, Path(config), get_arch(cfg.arch), tools, release_dir, work, StageCache(release_dir), push,
+                   dry_run)
+
+
+def lane_threads() -> int:
+    """llama-server's threads for a smoke test, beside a quantize that takes every core. llama-quantize's
+    workers never wait on each other, but llama-server's spin while they wait: one or a few server threads
+    share the cores without waste. Measured on 2 cores (large benchmark model): with both tools at 2 threads
+    the cold run's CPU time went from 1.66 × to 2.11 × the hand recipe's; a 1 + 1 split left quantizing, the
+    longer job, half the cores (README, "Performance")."""
+    return max(1, len(os.sched_getaffinity(0)) // 4)
