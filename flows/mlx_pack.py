@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from mtpress.archs.base import ArchSpec
 from mtpress.cache import StageCache, cache_key
@@ -33,9 +34,9 @@ from mtpress.stages.mlx_card import render_mlx_card
 from mtpress.stages.smoke import SmokeResult
 from mtpress.toolchain.mlx import resolve_mlx_tools
 
-mlx_tools_task = task(resolve_mlx_tools, name="mlx-tools")
-export_mlx_task = task(export_mlx, name="export-mlx")
-check_mlx_task = task(check_mlx, name="check-mlx")
+mlx_tools_task = task(resolve_mlx_tools, name="mlx-tools", cache_policy=NO_CACHE)
+export_mlx_task = task(export_mlx, name="export-mlx", cache_policy=NO_CACHE)
+check_mlx_task = task(check_mlx, name="check-mlx", cache_policy=NO_CACHE)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.mlx_pack import build_mlx_pack
@@ -39,8 +40,8 @@ from mtpress.stages.publish import publish as publish_stage
 
 # Only transient failures are retried (a failed commit leaves the repo unchanged, unchanged files are never
 # re-sent); a 412 never is: the retry would plan against another writer's commit and delete their files.
-publish_task = task(publish_stage, name="publish", task_run_name="publish {target.repo}", retries=2,
-                    retry_delay_seconds=[10, 60], retry_condition_fn=retry_if_transient)
+publish_task = task(publish_stage, name="publish", task_run_name="publish {target.repo}", cache_policy=NO_CACHE,
+                    retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_if_transient)
 
 
 # Threads wait on files, lanes and the quantize slot rather than work: many may wait, few ever run.

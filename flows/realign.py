@@ -26,13 +26,14 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import deployment as current_deployment
 from prefect.runtime import flow_run as current_flow_run
 
 from flows.secrets import use_token_from_secret
-from flows.tasks import bench_task, convert_task, fetch_task, inject_task
+from flows.tasks import bench_task, convert_task, fetch_checkpoint, inject_task
 from mtpress.archs import get_arch
 from mtpress.archs.base import ArchSpec
 from mtpress.cache import StageCache, cache_key
@@ -51,9 +52,9 @@ from mtpress.stages.inject import HEAD_SHARD, InjectResult
 from mtpress.stages.realign import HiddenStates, RealignResult
 from mtpress.toolchain import LlamaCpp, resolve_toolchain
 
-collect_task = task(realign.collect_hidden_states, name="collect-hidden-states")
+collect_task = task(realign.collect_hidden_states, name="collect-hidden-states", cache_policy=NO_CACHE)
 # The one stage that wants an accelerator; `head.deployment` moves it (with the collection) to a GPU work pool.
-realign_task = task(realign.realign, name="realign", tags=["gpu"])
+realign_task = task(realign.realign, name="realign", tags=["gpu"], cache_policy=NO_CACHE)
 
 EXCHANGE_FOLDER = "heads"
 RESULT_FILE = "result.json"
@@ -168,8 +169,8 @@ def realign_head(release: str, arch: str, finetune: dict[str, Any], donor: dict[
     tools = resolve_toolchain()
     cache = StageCache(work)
     # The caller's layout (hub-cache/, injected/, copied-head/): the converter names the model after its folder.
-    finetune_dir = fetch_task(Source.model_validate(finetune), work / "hub-cache")
-    donor_dir = fetch_task(Source.model_validate(donor), work / "hub-cache") if donor else None
+    finetune_dir = fetch_checkpoint("fine-tune", Source.model_validate(finetune), work / "hub-cache")
+    donor_dir = fetch_checkpoint("donor", Source.model_validate(donor), work / "hub-cache") if donor else None
     injected = inject_task(finetune_dir, donor_dir, arch_spec, work / "injected")
     digest = realign.trunk_digest(injected.model, arch_spec)
     if digest != trunk_digest:

@@ -9,6 +9,7 @@ from pathlib import Path
 from huggingface_hub.repocard import metadata_load
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.release import Build
@@ -25,7 +26,7 @@ from mtpress.stages.quality import QualityResult
 from mtpress.stages.smoke import SmokeResult
 
 
-@task(name="manifest", task_run_name="manifest")
+@task(name="manifest", task_run_name="manifest", cache_policy=NO_CACHE)
 def write_release_manifest(build: Build, inputs: dict, files: list[GgufFile],
                            smoke: list[SmokeResult], bench: list[BenchResult], quality: QualityResult | None,
                            head_choice, mlx) -> Path:
@@ -72,7 +73,7 @@ def write_release_manifest(build: Build, inputs: dict, files: list[GgufFile],
     return path
 
 
-@task(name="card", task_run_name="card")
+@task(name="card", task_run_name="card", cache_policy=NO_CACHE)
 def write_cards(release_dir: Path, artifact_key: str, description: str = "model card preview") -> None:
     """Both cards from the manifest alone, and the English one as the UI's preview."""
     card = render_card(read_manifest(release_dir))

@@ -14,6 +14,7 @@ from pathlib import Path
 from huggingface_hub import HfApi
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
 from flows.retries import retry_if_transient
 from mtpress.cache import StageCache, cache_key
@@ -24,9 +25,9 @@ from mtpress.stages.gate import GateResult, gate, pairings_from_manifest
 from mtpress.stages.publish import publish as publish_stage
 from mtpress.toolchain import LlamaCpp
 
-stage_task = task(publish_stage, name="stage", retries=2, retry_delay_seconds=[10, 60],
+stage_task = task(publish_stage, name="stage", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[10, 60],
                   retry_condition_fn=retry_if_transient)
-gate_task = task(gate, name="gate")
+gate_task = task(gate, name="gate", cache_policy=NO_CACHE)
 
 
 def stage_and_verify(release_dir: Path, cfg: ReleaseConfig, tools: LlamaCpp, api: HfApi, cache: StageCache,

@@ -1,11 +1,13 @@
 """The stages as Prefect tasks: each named for what it works on, retried only when its error is transient.
 
 The publish flow's tasks take the run's ``Build`` (flows/release.py) and go through its content cache: a
-result reused from an earlier run is a Cached task run in the UI, with the reason. The first four are
-shared with the re-alignment flow, which composes its own stages.
+result reused from an earlier run is a Cached task run in the UI, with the reason. ``fetch_checkpoint`` and the
+three plain ones below are shared with the re-alignment flow, which composes its own stages.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -13,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.release import Build, lane_threads
 from flows.retries import retry_if_transient
 from mtpress.cache import cache_key
+from mtpress.checkpoint import ModelDir
 from mtpress.concurrency import occupy
 from mtpress.errors import PublishError
 from mtpress.hub.client import hub_api
@@ -23,11 +26,9 @@ from mtpress.stages import bench, convert, download, inject, quality, quantize, 
 from mtpress.stages.gguf_files import GgufFile
 from mtpress.stages.publish import preupload
 
-fetch_task = task(download.fetch, name="fetch", retries=3, retry_delay_seconds=[2, 10, 30],
-                  retry_condition_fn=retry_if_transient)
-inject_task = task(inject.inject, name="inject")
-convert_task = task(convert.convert, name="convert")
-bench_task = task(bench.bench, name="bench")
+inject_task = task(inject.inject, name="inject", cache_policy=NO_CACHE)
+convert_task = task(convert.convert, name="convert", cache_policy=NO_CACHE)
+bench_task = task(bench.bench, name="bench", cache_policy=NO_CACHE)
 
 # Content-keyed by the stage cache; Prefect's own input hashing would only repeat it, slower.
 publish_task_options = {"cache_policy": NO_CACHE}
@@ -35,8 +36,9 @@ publish_task_options = {"cache_policy": NO_CACHE}
 
 @task(name="fetch", task_run_name="fetch {role}", retries=3, retry_delay_seconds=[2, 10, 30],
       retry_condition_fn=retry_if_transient, **publish_task_options)
-def fetch_checkpoint(role: str, source: Source, build_dir) -> download.ModelDir:
-    return download.fetch(source, build_dir)
+def fetch_checkpoint(role: str, source: Source, cache_dir: Path) -> ModelDir:
+    """``role`` (fine-tune, donor) only names the task run."""
+    return download.fetch(source, cache_dir)
 
 
 @task(name="mmproj", task_run_name="mmproj", **publish_task_options)

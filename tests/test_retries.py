@@ -77,18 +77,18 @@ def test_the_publish_task_retries_a_503_but_never_a_412(local_hub, prefect_harne
 
 
 def test_the_fetch_task_retries_a_dropped_connection_but_not_a_wrong_repo_id(local_hub, prefect_harness, tmp_path):
-    from flows.tasks import fetch_task
+    from flows.tasks import fetch_checkpoint
 
-    task = fetch_task.with_options(retry_delay_seconds=0)
+    task = fetch_checkpoint.with_options(retry_delay_seconds=0)
     api = hub_api()
     api.create_repo("org/ft")
     api.upload_folder(repo_id="org/ft", folder_path=make_checkpoint(tmp_path / "ft", with_head=False, seed=2).path)
 
     local_hub.faults.add("GET", r"^/api/models/org/ft", action="drop")
-    state = task(Source(repo="org/ft"), tmp_path / "cache", return_state=True)
+    state = task("fine-tune", Source(repo="org/ft"), tmp_path / "cache", return_state=True)
     assert state.is_completed() and run_count(state) == 2
 
-    state = task(Source(repo="org/no-such-model"), tmp_path / "cache", return_state=True)
+    state = task("fine-tune", Source(repo="org/no-such-model"), tmp_path / "cache", return_state=True)
     assert state.is_failed() and run_count(state) == 1
     with pytest.raises(ModelError, match="no such model repo"):
         state.result()
