@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from flows.release import Build
+from flows.remote import record_manifest
 from mtpress.archs.base import ArchSpec
 from mtpress.checkpoint import ModelDir
 from mtpress.fsutil import dir_digest, sha256_file
@@ -34,7 +35,7 @@ def write_release_manifest(build: Build, inputs: dict, files: list[GgufFile],
     release, cfg, injected = build.release, build.cfg, build.injected
     manifest = Manifest.model_validate(jsonable({
         "release": cfg.name,
-        "config_file": _config_label(release.config_path),
+        "config_file": _config_label(release.config_path) if release.config_path else f"{cfg.name} (sent as text)",
         "mtpress": version("mtpress"),
         "config": _config_record(cfg),
         "toolchain": release.tools.describe(),
@@ -75,10 +76,13 @@ def write_release_manifest(build: Build, inputs: dict, files: list[GgufFile],
 
 @task(name="card", task_run_name="card", cache_policy=NO_CACHE)
 def write_cards(release_dir: Path, artifact_key: str, description: str = "model card preview") -> None:
-    """Both cards from the manifest alone, and the English one as the UI's preview."""
-    card = render_card(read_manifest(release_dir))
+    """Both cards from the manifest alone, the English one as the UI's preview, and the manifest as an artifact
+    (what `mtpress release-run` hands back to a CI job that has no access to the worker's disk)."""
+    manifest = read_manifest(release_dir)
+    card = render_card(manifest)
     write_card(release_dir, card)
     create_markdown_artifact(card_preview(card), key=artifact_key, description=description)
+    record_manifest(release_dir, manifest.release)
 
 
 def card_preview(card) -> str:

@@ -31,7 +31,7 @@ from mtpress.checkpoint import ModelDir
 from mtpress.fsutil import dir_digest, hold_folder, remove_stale_partials
 from mtpress.hub.client import hub_api
 from mtpress.naming import artifact_key, layout_dir
-from mtpress.schema import ReleaseConfig, Target, load_release_config
+from mtpress.schema import ReleaseConfig, Target, load_release_config, release_config_path
 from mtpress.stage_keys import reused_outputs
 from mtpress.stages.inject import InjectResult
 from mtpress.stages.preflight import check_disk_space, planned_output_bytes
@@ -67,7 +67,7 @@ class Progress:
 @dataclass(frozen=True)
 class Release:
     cfg: ReleaseConfig
-    config_path: Path
+    config_path: Path | None  # None: the config came as text (the watcher's event)
     arch: ArchSpec
     tools: LlamaCpp
     release_dir: Path
@@ -180,7 +180,7 @@ def open_release(config: str, output: str | None, *, push: bool, dry_run: bool, 
     """Everything that must hold before any download: fails at once, with nothing half-done."""
     log = get_run_logger()
     use_token_from_secret(token_secret)
-    cfg = load_release_config(Path(config))
+    cfg = load_release_config(config)  # a path, or the config's own text (as the watcher's event sends it)
     if push and not dry_run:  # a token that cannot publish there fails now, not after the build
         check_write_access(hub_api(), cfg.target, *([cfg.target.staging] if cfg.gate.enabled else []),
                            *([mlx_target(cfg)] if cfg.mlx else []))
@@ -194,8 +194,8 @@ def open_release(config: str, output: str | None, *, push: bool, dry_run: bool, 
         log.warning("removed %d leftovers of an interrupted run: %s", len(stale), ", ".join(p.name for p in stale))
     tools = resolve_toolchain()
     log.info("llama.cpp b%s (%s)", tools.version, tools.origin)
-    return Release(cfg, Path(config), get_arch(cfg.arch), tools, release_dir, work, StageCache(release_dir), push,
-                   dry_run)
+    return Release(cfg, release_config_path(config), get_arch(cfg.arch), tools, release_dir, work,
+                   StageCache(release_dir), push, dry_run)
 
 
 def lane_threads() -> int:

@@ -1,4 +1,5 @@
-"""The watch: policy validation, the decision rules, durable state, and the flow against a local Hub and Prefect.
+"""The watch: policy validation, the decision rules, decisions in Prefect Variables, and the flow against a local
+Hub and Prefect.
 
 Candidates are tiny fake repos on the local Hub endpoint: a safetensors file (with or without `mtp.*`
 tensors), a config.json naming the architecture and a README whose front matter carries `base_model` and
@@ -29,11 +30,11 @@ from mtpress.watch import (
     CandidateInfo,
     Reason,
     WatchPolicy,
-    WatchState,
     decide,
     discover,
+    inspect_candidate,
     load_watch_policy,
-    state_lock,
+    release_config_text,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -62,8 +63,9 @@ def write_policy(tmp_path: Path, **overrides) -> Path:
 def info(repo="alice/Good-FT", *, relation="finetune", tags=(), licenses=("apache-2.0",), architectures=QWEN,
          weights=None, head=(), target_exists=False, error=None) -> CandidateInfo:
     candidate = Candidate(repo, BASE, BASE, relation, tuple(tags))
-    return CandidateInfo(candidate, revision="a" * 40, licenses=tuple(licenses), architectures=architectures,
-                         weights=weights, head_tensors=tuple(head), target_exists=target_exists, error=error)
+    return CandidateInfo(candidate, revision="a" * 40, donor_revision="b" * 40, licenses=tuple(licenses),
+                         architectures=architectures, weights=weights, head_tensors=tuple(head),
+                         target_exists=target_exists, error=error)
 
 
 def seed(repo: str, *, base_model: str | None = BASE, license: str | None = "apache-2.0", architectures=QWEN,
@@ -85,18 +87,38 @@ def seed(repo: str, *, base_model: str | None = BASE, license: str | None = "apa
 
 
 def publish_runs(tmp_path: Path) -> list:
-    """Flow runs of the publish deployment whose config lies under this test's tmp_path."""
+    """Flow runs of the publish deployment whose config was generated from a policy under this test's tmp_path."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("publish/publish")
         runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
-    return [run for run in runs if str(run.parameters.get("config", "")).startswith(str(tmp_path))]
+    return [run for run in runs if f"from {tmp_path}" in str(run.parameters.get("config", ""))]
 
 
 @pytest.fixture
-def publish_deployment(prefect_harness):
+def fresh_decisions(prefect_harness):
+    """The harness's server lives for the session: forget what earlier tests' watch runs decided."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        for variable in client.read_variables():
+            if "mtpress-watch" in variable.tags:
+                client.delete_variable_by_name(variable.name)
+
+
+def remembered(repo: str) -> dict | None:
+    from prefect.client.orchestration import get_client
+
+    from flows.watch import RememberedDecisions
+
+    with get_client(sync_client=True) as client:
+        return RememberedDecisions(client).get(repo)
+
+
+@pytest.fixture
+def publish_deployment(fresh_decisions):
     """The real publish flow registered as a deployment; nothing runs its flow runs, they stay scheduled."""
     from flows.publish import publish
 
@@ -130,6 +152,28 @@ def test_policy_errors_name_the_file_and_every_bad_key(tmp_path):
     assert any(p.startswith("relations.0: ") for p in problems)
 
 
+def test_policy_bench_and_quality_are_checked_by_the_release_rules(tmp_path):
+    path = tmp_path / "watch.yaml"
+
+    def problems(bench: dict, quality: dict) -> list[str]:
+        path.write_text(yaml.safe_dump({"bases": [{"repo": BASE}], "licenses": ["mit"], "target_namespace": NAMESPACE,
+                                        "release": {"quants": ["Q4_K_M"], "bench": bench, "quality": quality}}))
+        with pytest.raises(ConfigError) as raised:
+            load_watch_policy(path)
+        assert str(raised.value).startswith(f"{path}: ")
+        return raised.value.problems
+
+    found = problems({"draft_lengths": [2, 2]}, {"chunks": 1})
+    assert "release.bench.draft_lengths: lists a draft length twice" in found
+    assert any(p.startswith("release.quality: chunks: 1 chunk(s) of 128 tokens") for p in found)
+    assert problems({"quants": ["Q8_0"]}, {}) == [
+        "release: bench.quants names Q8_0, which the release does not build"]
+    assert problems({"prompts": "my-prompts.jsonl"}, {}) == [
+        "release: bench.prompts: a watched release runs on a worker that cannot read the watcher's files; "
+        "leave it unset (the shipped set)"]
+    assert problems({}, {"calibration": "mine.txt"})[0].startswith("release: quality.calibration: a watched")
+
+
 def test_policy_file_missing_or_not_a_mapping(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         load_watch_policy(tmp_path / "nope.yaml")
@@ -159,69 +203,116 @@ def test_policy_file_missing_or_not_a_mapping(tmp_path):
     (info(target_exists=True), Reason.ALREADY_PUBLISHED, f"{NAMESPACE}/Good-FT-MTP-GGUF exists"),
     (info("alice/" + "x" * 94), Reason.CONFIG_INVALID, "name"),
 ])
-def test_decide_rejects_with_a_reason(tmp_path, candidate, reason, detail):
-    decision = decide(candidate, policy(), WatchState(tmp_path / "state.json"))
+def test_decide_rejects_with_a_reason(candidate, reason, detail):
+    decision = decide(candidate, policy())
     assert (decision.reason, decision.eligible, decision.release) == (reason, False, None)
     assert detail in decision.detail
     assert decision.final is (reason is not Reason.INSPECT_FAILED)
 
 
-def test_decide_eligible_carries_the_release_to_launch(tmp_path):
-    decision = decide(info(), policy(bases=[{"repo": BASE, "donor": "Qwen/Qwen3.5-9B-Base"}]),
-                      WatchState(tmp_path / "state.json"))
+def test_decide_eligible_carries_the_release_to_launch():
+    rules = policy(bases=[{"repo": BASE, "donor": "Qwen/Qwen3.5-9B-Base"}],
+                   release={"quants": ["Q8_0", "Q4_K_M"], "bench": {"draft_lengths": [2], "quants": ["Q4_K_M"]},
+                            "quality": {"enabled": False}})
+    decision = decide(info(), rules)
     assert decision.eligible and decision.final
     release = decision.release
     assert release.name == "Good-FT-MTP" and release.arch == "qwen35"
     assert (release.finetune.repo, release.finetune.revision) == ("alice/Good-FT", "a" * 40)  # the decided commit
-    assert release.donor.repo == "Qwen/Qwen3.5-9B-Base"
+    assert (release.donor.repo, release.donor.revision) == ("Qwen/Qwen3.5-9B-Base", "b" * 40)  # pinned too
+    assert (release.bench.draft_lengths, release.bench.quants, release.quality.enabled) == ((2,), ("Q4_K_M",), False)
     assert release.target.repo == f"{NAMESPACE}/Good-FT-MTP-GGUF"
     assert release.quants == ("Q8_0", "Q4_K_M") and release.head_type == "Q8_0"
 
 
-def test_decide_never_redecides_and_never_gives_one_target_twice(tmp_path):
-    state = WatchState(tmp_path / "state.json")
+def test_decide_never_redecides_and_never_gives_one_target_twice():
     rules = policy()
-    first = decide(info("alice/Good-FT"), rules, state)
-    state.remember(first)
-    again = decide(info("alice/Good-FT"), rules, state)
+    again = decide(info("alice/Good-FT"), rules, earlier={"decided_at": "2026-01-01T00:00:00+00:00",
+                                                           "reason": "eligible"})
     assert again.reason is Reason.ALREADY_DECIDED and not again.final
-    namesake = decide(info("bob/Good-FT"), rules, state)
+    namesake = decide(info("bob/Good-FT"), rules, claimant="alice/Good-FT")
     assert namesake.reason is Reason.ALREADY_PUBLISHED and "claimed by alice/Good-FT" in namesake.detail
 
 
 # ---------------------------------------------------------------------------------------------------------
-# state
+# generated configs travel as text
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_state_survives_a_reload_and_is_replaced_atomically(tmp_path):
-    path = tmp_path / "watch" / "state.json"
-    state = WatchState.load(path)
-    state.remember(decide(info(head=("mtp.fc.weight",)), policy(), state))
-    reloaded = WatchState.load(path)
-    assert reloaded.get("alice/Good-FT")["reason"] == "head_present"
-    assert json.loads(path.read_text())["schema_version"] == 1
-    assert sorted(p.name for p in path.parent.iterdir()) == ["state.json"]  # no temporary file left behind
+def test_a_generated_config_is_text_the_publish_flow_reads(tmp_path):
+    text = release_config_text(decide(info(), policy()), tmp_path / "watch.yaml")
+    assert "\n" in text and load_release_config(text) == decide(info(), policy()).release
+    assert load_release_config(yaml.safe_load(text)).name == "Good-FT-MTP"  # a mapping, as an event may carry
+    (tmp_path / "Good-FT-MTP.yaml").write_text(text)
+    assert load_release_config(str(tmp_path / "Good-FT-MTP.yaml")).name == "Good-FT-MTP"  # a path, as before
 
 
-def test_a_damaged_state_file_stops_the_watch_with_a_hint(tmp_path):
-    path = tmp_path / "state.json"
-    path.write_text('{"decisions": ')
-    with pytest.raises(MtpressError, match="not valid JSON"):
-        WatchState.load(path)
-    path.write_text('{"something": "else"}')
-    with pytest.raises(MtpressError, match="schema version 1"):
-        WatchState.load(path)
+@pytest.mark.parametrize(("sent", "problem"), [
+    ("name: X\nfinetune: {repo: a/b}\ntarget: {repo: c/d}\ncolour: blue\n", "colour: unknown key"),
+    ("name: X\nfinetune: [\n", "not valid YAML"),
+    ("- a\n- b\n", "the top level must be a mapping"),
+    ({"name": "X", "target": {"repo": "c/d"}}, "finetune: required key is missing"),
+])
+def test_an_inline_config_is_named_in_its_errors(sent, problem):
+    with pytest.raises(ConfigError) as raised:
+        load_release_config(sent)
+    assert str(raised.value).startswith("the event's config: ") and problem in str(raised.value)
 
 
-def test_two_watch_runs_never_share_the_state(tmp_path):
-    path = tmp_path / "state.json"
-    with state_lock(path):
-        with pytest.raises(MtpressError, match="another watch run"):
-            with state_lock(path):
-                pass
-    with state_lock(path):  # released again
-        pass
+# ---------------------------------------------------------------------------------------------------------
+# decisions in Prefect Variables
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_two_watchers_deciding_at_once_take_a_candidate_and_a_target_once(fresh_decisions):
+    """Two threads, each with its own client (as two watch runs on two machines), take the same decisions."""
+    from prefect.client.orchestration import get_client
+
+    from flows.watch import RememberedDecisions
+
+    rules = policy()
+    decisions = [decide(info("alice/Good-FT"), rules), decide(info("bob/Good-FT"), rules),  # one target
+                 decide(info("carol/Headful-FT", head=("mtp.fc.weight",)), rules)]
+    start = threading.Barrier(2)
+    taken: list[list] = [[], []]
+
+    def watcher(index: int) -> None:
+        with get_client(sync_client=True) as client:
+            memory = RememberedDecisions(client)
+            start.wait(timeout=30)
+            order = decisions if index == 0 else decisions[::-1]
+            taken[index] = [memory.take(decision) for decision in order]
+
+    threads = [threading.Thread(target=watcher, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    outcomes = sorted((d.repo, str(d.reason)) for d in taken[0] + taken[1])
+    by_repo = {repo: [reason for r, reason in outcomes if r == repo] for repo, _ in outcomes}
+    # each candidate was decided by exactly one watcher; the other one was told so
+    assert all(sorted(reasons)[0] == "already_decided" and len(reasons) == 2 for reasons in by_repo.values()), outcomes
+    final = {repo: remembered(repo)["reason"] for repo in by_repo}
+    assert sorted(final.values()) == ["already_published", "eligible", "head_present"], final
+    holder = next(repo for repo, reason in final.items() if reason == "eligible")
+    other = next(repo for repo, reason in final.items() if reason == "already_published")
+    assert remembered(other)["detail"] == f"{NAMESPACE}/Good-FT-MTP-GGUF is claimed by {holder}"
+
+
+def test_a_forgotten_decision_and_its_target_can_be_taken_again(fresh_decisions):
+    """What the flow does when a launch fails: the candidate is decided again next run, not lost."""
+    from prefect.client.orchestration import get_client
+
+    from flows.watch import RememberedDecisions
+
+    eligible = decide(info("alice/Good-FT"), policy())
+    with get_client(sync_client=True) as client:
+        memory = RememberedDecisions(client)
+        assert memory.take(eligible).eligible
+        assert memory.take(eligible).reason is Reason.ALREADY_DECIDED
+        memory.forget(eligible)
+        assert (memory.get("alice/Good-FT"), memory.claimant(f"{NAMESPACE}/Good-FT-MTP-GGUF")) == (None, None)
+        assert memory.take(eligible).eligible
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -242,6 +333,18 @@ def test_discover_follows_the_model_tree(local_hub):
     deep = {c.repo: (c.relation, c.parent, c.base) for c in discover(policy(depth=2), hub_api())}
     assert deep["carol/Grandchild-FT"] == ("finetune", "alice/Good-FT", BASE)
     assert deep["alice/Good-FT-Q4"] == ("quantized", "alice/Good-FT", BASE)
+
+
+def test_inspection_pins_the_finetune_and_the_donor_at_their_commits(local_hub):
+    seed(BASE, base_model=None, head=True)
+    seed("alice/Good-FT")
+    rules = policy()
+    (candidate,) = discover(rules, hub_api())
+    inspected = inspect_candidate(candidate, rules, hub_api())
+    assert inspected.revision == hub_api().model_info("alice/Good-FT").sha
+    assert inspected.donor_revision == hub_api().model_info(BASE).sha
+    release = decide(inspected, rules).release
+    assert (release.donor.repo, release.donor.revision) == (BASE, inspected.donor_revision)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -269,15 +372,15 @@ def test_watch_launches_one_publish_per_new_eligible_finetune_and_only_once(loca
                          f"{NAMESPACE}/Older-FT-MTP-GGUF": "own_output"}
     runs = publish_runs(tmp_path)
     assert len(runs) == 1
-    config = Path(runs[0].parameters["config"])
-    assert runs[0].parameters == {"config": str(config)} and config.parent == (state_dir / "configs").resolve()
-    release = load_release_config(config)
+    sent = runs[0].parameters["config"]  # the config itself: the worker needs nothing from the watcher's disk
+    assert runs[0].parameters == {"config": sent} and sent == (state_dir / "configs" / "Good-FT-MTP.yaml").read_text()
+    release = load_release_config(sent)
     assert (release.finetune.repo, release.donor.repo) == ("alice/Good-FT", BASE)
     assert release.finetune.revision == hub_api().model_info("alice/Good-FT").sha
-    state = WatchState.load(state_dir / "state.json")
-    assert {repo: record["reason"] for repo, record in state.decisions.items()} == decisions
-    assert state.get("alice/Good-FT")["launch"]["flow_run"] == str(runs[0].id)
-    assert "MTP tensors already present" in state.get("bob/Headful-FT")["detail"]
+    assert release.donor.revision == hub_api().model_info(BASE).sha
+    assert {repo: remembered(repo)["reason"] for repo in decisions} == decisions
+    assert remembered("alice/Good-FT")["launch"]["flow_run"] == str(runs[0].id)
+    assert "MTP tensors already present" in remembered("bob/Headful-FT")["detail"]
 
     assert watch(str(policy_path), str(state_dir)) == []  # nothing new: nothing decided, nothing launched
     assert len(publish_runs(tmp_path)) == 1
@@ -287,35 +390,36 @@ def test_watch_launches_one_publish_per_new_eligible_finetune_and_only_once(loca
     assert [(row["repo"], row["decision"]) for row in rows] == [("erin/Another-FT", "eligible")]
     runs = publish_runs(tmp_path)
     assert len(runs) == 2
-    assert {load_release_config(Path(run.parameters["config"])).finetune.repo for run in runs} == {
+    assert {load_release_config(run.parameters["config"]).finetune.repo for run in runs} == {
         "alice/Good-FT", "erin/Another-FT"}
 
 
 def test_dry_run_remembers_nothing_and_launcher_none_writes_the_config_only(local_hub, publish_deployment, tmp_path):
     from flows.watch import watch
 
+    seed(BASE, base_model=None, head=True)  # the head donor, whose commit the config pins
     seed("alice/Good-FT")
     policy_path, state_dir = write_policy(tmp_path), tmp_path / "watch"
 
     rows = watch(str(policy_path), str(state_dir), dry_run=True)
     assert [(row["decision"], row["launched"]) for row in rows] == [("eligible", "dry run: would launch")]
-    assert not state_dir.exists()
+    assert not state_dir.exists() and remembered("alice/Good-FT") is None
 
     rows = watch(str(policy_path), str(state_dir), launcher="none")
     config = state_dir.resolve() / "configs" / "Good-FT-MTP.yaml"
     assert rows[0]["launched"] == f"not launched: mtpress publish {config}"
     assert load_release_config(config).target.repo == f"{NAMESPACE}/Good-FT-MTP-GGUF"
-    assert WatchState.load(state_dir / "state.json").get("alice/Good-FT")["launch"] == {"via": "none"}
+    assert remembered("alice/Good-FT")["launch"] == {"via": "none"}
     assert publish_runs(tmp_path) == []
 
 
-def test_a_missing_publish_deployment_stops_the_watch_before_deciding(local_hub, prefect_harness, tmp_path):
+def test_a_missing_publish_deployment_stops_the_watch_before_deciding(local_hub, fresh_decisions, tmp_path):
     from flows.watch import watch
 
     seed("alice/Good-FT")
     with pytest.raises(MtpressError, match="no Prefect deployment named 'publish/nowhere'"):
         watch(str(write_policy(tmp_path)), str(tmp_path / "watch"), deployment="publish/nowhere")
-    assert not (tmp_path / "watch" / "state.json").exists()
+    assert remembered("alice/Good-FT") is None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -356,7 +460,7 @@ def test_limits_are_created_once_and_serialise_their_holders(prefect_harness, mo
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_prefect_yaml_deploys_and_an_eligible_event_starts_publish(local_hub, prefect_harness, tmp_path):
+def test_prefect_yaml_deploys_and_an_eligible_event_starts_publish(local_hub, fresh_decisions, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
@@ -384,6 +488,7 @@ def test_prefect_yaml_deploys_and_an_eligible_event_starts_publish(local_hub, pr
     assert watcher.parameters["launcher"] == "event" and watcher.work_pool_name == "mtpress"
     assert [a.trigger.expect for a in automations] == [{"mtpress.candidate.eligible"}]
 
+    seed(BASE, base_model=None, head=True)  # the head donor, whose commit the config pins
     seed("alice/Good-FT")
     rows = watch(str(write_policy(tmp_path)), str(tmp_path / "watch"), launcher="event")
     assert rows[0]["launched"].startswith("event mtpress.candidate.eligible")
@@ -391,7 +496,8 @@ def test_prefect_yaml_deploys_and_an_eligible_event_starts_publish(local_hub, pr
     deadline = time.monotonic() + 60
     while not (runs := publish_runs(tmp_path)) and time.monotonic() < deadline:
         time.sleep(1)
-    assert [run.parameters["config"] for run in runs] == [str(config)]
+    # the trigger's template hands the multi-line YAML over unchanged (Prefect renders it through tojson)
+    assert [run.parameters["config"] for run in runs] == [config.read_text()]
     assert runs[0].parameters["push"] is True  # the deployment's defaults still apply
 
 
@@ -400,11 +506,12 @@ def test_prefect_yaml_deploys_and_an_eligible_event_starts_publish(local_hub, pr
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_cli_watch_once_dry_run_shows_the_decisions(local_hub, prefect_harness, tmp_path):
+def test_cli_watch_once_dry_run_shows_the_decisions(local_hub, fresh_decisions, tmp_path):
     from typer.testing import CliRunner
 
     from mtpress.cli import app
 
+    seed(BASE, base_model=None, head=True)  # the head donor, whose commit the config pins
     seed("alice/Good-FT")
     seed("bob/Headful-FT", head=True)
     result = CliRunner().invoke(app, ["watch", "--policy", str(write_policy(tmp_path)), "--once", "--dry-run",

@@ -72,11 +72,29 @@ def test_ci_runs_the_ci_entry_point():
     assert os.access(REPO_ROOT / ".ci" / "run", os.X_OK)
 
 
+def test_the_default_release_path_never_sees_the_hub_token():
+    """The hosted runner only starts and follows the deployment run: the Hub token stays with the Prefect workers."""
+    document = yaml.safe_load((REPO_ROOT / ".github" / "workflows" / "release.yml").read_text())
+    inputs = document[True]["workflow_dispatch"]["inputs"]  # YAML 1.1 reads the key `on` as true
+    assert inputs["runner"]["default"] == "deployment"
+    publish = document["jobs"]["publish"]
+    assert publish["runs-on"] == "ubuntu-24.04" and publish["if"] == "${{ inputs.runner == 'deployment' }}"
+    assert "HF_TOKEN" not in yaml.safe_dump(publish)
+    run = steps("release.yml", "publish")["Run publish/publish on the Prefect server"]
+    assert run["env"]["PREFECT_API_URL"] == "${{ secrets.PREFECT_API_URL }}"
+    assert run["env"]["PREFECT_API_KEY"] == "${{ secrets.PREFECT_API_KEY }}"
+    # tests/test_release_run.py runs this step against a local Prefect server and worker.
+    assert ".venv/bin/mtpress release-run" in run["run"]
+    self_hosted = document["jobs"]["publish-self-hosted"]
+    assert self_hosted["runs-on"] == ["self-hosted", "mtpress"]
+    assert set(document["jobs"]["verify-mtplx"]["needs"]) == {"publish", "publish-self-hosted"}
+
+
 @pytest.mark.parametrize(("dry_run", "expected_flags"), [("true", ["--dry-run"]), ("false", [])])
 def test_the_release_publish_step_runs_mtpress_publish_on_the_chosen_config(tmp_path, dry_run, expected_flags):
     """Run the step's script as the runner would, with a stand-in `.venv/bin/mtpress` that records its argv;
     then parse that argv with the real CLI (everything but the hours-long build)."""
-    step = steps("release.yml", "publish")["Publish"]
+    step = steps("release.yml", "publish-self-hosted")["Publish"]
     assert set(step["env"]) == {"HF_TOKEN", "CONFIG", "DRY_RUN"}
     assert step["env"]["HF_TOKEN"] == "${{ secrets.HF_TOKEN }}"  # from a secret, never from an input
     recorder = tmp_path / ".venv" / "bin" / "mtpress"

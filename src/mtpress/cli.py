@@ -156,6 +156,35 @@ def check_config(configs: Annotated[list[Path], typer.Argument(help="release con
         typer.echo(f"{path}: ok ({cfg.name}: {len(cfg.quants)} quants, layouts {', '.join(cfg.layouts)})")
 
 
+@app.command("release-run")
+def release_run(config: ConfigArg,
+                commit: Annotated[str | None, typer.Option(
+                    help="commit the workers clone and run (prefect.yaml's pull step); default: their default branch")]
+                = None,
+                repository: Annotated[str | None, typer.Option(
+                    help="git URL to clone with --commit (in GitHub Actions: $GITHUB_SERVER_URL/$GITHUB_REPOSITORY)")]
+                = None,
+                dry_run: Annotated[bool, typer.Option(help="build and test there, commit nothing")] = False,
+                timeout: Annotated[float, typer.Option(help="seconds to follow the run before giving up")] = 21000,
+                manifest_out: Annotated[Path | None, typer.Option(help="where to write the run's manifest.json")]
+                = None) -> None:
+    """Start the publish/publish deployment on the Prefect server at PREFECT_API_URL and follow it to its end.
+
+    Exits 0 when the run completed, 1 otherwise. The config path is read here (validated) and on the worker,
+    relative to the repository root."""
+    from mtpress.errors import RemoteRunError
+    from mtpress.schema import load_release_config
+
+    cfg = load_release_config(config)  # a bad config fails here, before a run is started
+    if commit and not repository:
+        raise RemoteRunError("--commit needs --repository: the git URL the workers clone",
+                             hint="in GitHub Actions: --repository \"$GITHUB_SERVER_URL/$GITHUB_REPOSITORY\"")
+    from flows.remote import release_run as run_release
+
+    run_release(config.as_posix(), cfg.name, dry_run=dry_run, commit=commit, repository=repository,
+                timeout_s=timeout, manifest_out=manifest_out, echo=typer.echo)
+
+
 # The values of flows.watch.Launcher, spelled out so that `mtpress --help` does not import Prefect.
 LaunchVia = Literal["deployment", "event", "none"]
 
@@ -172,7 +201,7 @@ def watch(
         help="how an eligible candidate's release starts: a run of the publish deployment, the "
              "mtpress.candidate.eligible event (for prefect.yaml's trigger), or none (only write its config)")
     ] = "deployment",
-    state_dir: Annotated[Path, typer.Option(help="where decisions (state.json) and generated configs live")
+    state_dir: Annotated[Path, typer.Option(help="where copies of the generated configs are written")
                          ] = Path("releases/watch"),
     every: Annotated[int, typer.Option(help="seconds between two looks at the Hub, without --once", min=60)] = 21600,
 ) -> None:
@@ -180,7 +209,8 @@ def watch(
 
     Eligible: supported architecture, MTP head missing, license allowed, not released or rejected before.
 
-    Decided from Hub metadata and safetensors headers only (no weights); remembered in STATE_DIR/state.json.
+    Decided from Hub metadata and safetensors headers only (no weights); remembered in Prefect Variables
+    (mtpress-watch-*), so two watchers never decide one candidate twice.
 
     --once: one run, launching the `publish/publish` deployment (docs/deploy.md); or pass --launch none.
 

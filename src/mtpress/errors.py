@@ -140,10 +140,13 @@ class ToolFailedError(ToolchainError):
 
 
 class RemoteRunError(MtpressError, RuntimeError):
-    """A stage handed to a Prefect deployment (another machine's work pool) did not complete there.
+    """Work handed to a Prefect deployment (another machine's work pool) did not complete there: a head's
+    re-alignment, or a whole release started by `mtpress release-run` (which also raises it when the run cannot be
+    started or is still going at its timeout).
 
     Example:
         realign deployment realign/realign: flow run 0b6f… ended Failed (…)
+        publish/publish flow run 4a55… (aquatic-vulture) ended Failed: … → its logs: `prefect flow-run logs 4a55…`
     """
 
 

@@ -1,12 +1,14 @@
 """The release configuration: one YAML file per release in ``model_configs/``.
 
 Defaults live here and nowhere else. ``load_release_config`` turns every
-validation problem into one line naming the file, the key and what was expected.
+validation problem into one line naming the file (or the event's config, sent as text), the key and what was
+expected.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -320,11 +322,34 @@ class ReleaseConfig(StrictModel):
         return value
 
 
-def load_release_config(path: Path) -> ReleaseConfig:
-    """Read and validate a release YAML; raise ConfigError naming the file and every bad key."""
-    label = str(path)
+# How an inline config is named in errors: the watcher sends its generated configs as text in an event or a
+# flow run's parameters, since the worker that runs the release cannot read the watcher's disk.
+INLINE_CONFIG = "the event's config"
+
+
+def release_config_path(source: Path | str | Mapping) -> Path | None:
+    """The file a config source names, or None when the source is the config itself (YAML text or a mapping).
+
+    YAML text is told from a path by a line break or a leading '{': no config file name holds either.
+    """
+    if isinstance(source, Mapping):
+        return None
+    if isinstance(source, str) and ("\n" in source or source.lstrip().startswith("{")):
+        return None
+    return Path(source)
+
+
+def load_release_config(source: Path | str | Mapping) -> ReleaseConfig:
+    """Read and validate a release config: a YAML file's path, YAML text, or a mapping.
+
+    Raises ConfigError naming the file (or "the event's config") and every bad key. Relative local paths in a
+    file are relative to the file; in text or a mapping, to the working directory.
+    """
+    path = release_config_path(source)
+    label = str(path) if path is not None else INLINE_CONFIG
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = source if isinstance(source, Mapping) else yaml.safe_load(
+            path.read_text(encoding="utf-8") if path is not None else source)
     except FileNotFoundError:
         raise ConfigError(label, ["file not found"], hint="release configs live in model_configs/") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -336,7 +361,7 @@ def load_release_config(path: Path) -> ReleaseConfig:
     except ValidationError as e:
         raise ConfigError(label, [_describe(err) for err in e.errors()],
                           hint="see model_configs/demo.yaml for a complete, valid example") from None
-    return _resolve_paths(config, path.parent)
+    return _resolve_paths(config, path.parent if path is not None else Path.cwd())
 
 
 def _describe(err: dict) -> str:

@@ -8,21 +8,17 @@ Plain Python, no Prefect; ``flows/watch.py`` composes these pieces:
 - ``inspect_candidate`` reads what a decision needs from the Hub: the repo's metadata, its ``config.json``
   and its safetensors *headers* — never weights;
 - ``decide`` is a pure function of that, the policy and what was decided before;
-- ``WatchState`` remembers every final decision in one JSON file, so each candidate is handled once.
+- ``release_config_text`` is the eligible decision's release config as YAML text: it travels in the launch
+  (event payload or flow run parameter), so the worker that runs the release needs nothing from our disk.
 
-The state is a file and not a Prefect Variable: it works the same with or without a Prefect server (the CLI,
-tests), survives a server database reset, grows past the size a Variable may hold, and can be read or edited
-by hand — delete a candidate's entry to have it decided again on the next run.
+Decisions are remembered by ``flows/watch.py`` in Prefect Variables, which every watcher and worker sees.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import re
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import StrEnum
@@ -30,20 +26,28 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mtpress.archs import arch_for_config
 from mtpress.errors import ConfigError, MtpressError, UnsupportedArchitectureError
 from mtpress.fsutil import write_text_atomic
 from mtpress.naming import gguf_repo, watched_release_name
-from mtpress.schema import Layout, ReleaseConfig, RepoId, Source, StrictModel, load_release_config
+from mtpress.schema import (
+    BenchSpec,
+    Layout,
+    QualitySpec,
+    ReleaseConfig,
+    RepoId,
+    Source,
+    StrictModel,
+    load_release_config,
+)
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
 NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 POLICY_EXAMPLE = "model_configs/watch.yaml"
-STATE_SCHEMA_VERSION = 1
 
 # How a model names its parent on the Hub (the `base_model:<relation>:<parent>` tag). Only fine-tunes and
 # merges carry full weights we can convert; adapters and quantized repos do not.
@@ -73,11 +77,24 @@ class ReleaseDefaults(StrictModel):
     quants: tuple[str, ...] = ReleaseConfig.model_fields["quants"].default
     head_type: str | None = "Q8_0"
     private: bool = False
+    bench: BenchSpec = BenchSpec()
+    quality: QualitySpec = QualitySpec()
 
     # The release schema owns these rules; delegating keeps one definition and one wording.
     _layouts = field_validator("layouts")(lambda cls, value: ReleaseConfig._layouts(value))
     _quants = field_validator("quants")(lambda cls, value: ReleaseConfig._quants(value))
     _head_type = field_validator("head_type")(lambda cls, value: ReleaseConfig._head_type(value))
+    _bench_quants_are_built = model_validator(mode="after")(ReleaseConfig._bench_quants_are_built)
+
+    @model_validator(mode="after")
+    def _no_local_files(self) -> ReleaseDefaults:
+        # The release runs on whichever worker takes it, which cannot read files beside the watcher's policy.
+        local = [key for key, value in (("bench.prompts", self.bench.prompts),
+                                        ("quality.calibration", self.quality.calibration)) if value is not None]
+        if local:
+            raise ValueError(f"{', '.join(local)}: a watched release runs on a worker that cannot read the "
+                             "watcher's files; leave it unset (the shipped set)")
+        return self
 
 
 class WatchPolicy(StrictModel):
@@ -165,6 +182,7 @@ class CandidateInfo:
 
     candidate: Candidate
     revision: str | None = None
+    donor_revision: str | None = None  # the head donor's commit, read in the same inspection
     licenses: tuple[str, ...] = ()
     architectures: tuple[str, ...] | None = None  # None: the repo has no config.json
     weights: str | None = None  # why there are no safetensors to read; None when there are
@@ -235,8 +253,10 @@ def inspect_candidate(candidate: Candidate, policy: WatchPolicy, api: HfApi) -> 
     except MtpressError as e:  # probe's "no safetensors" / "only pickle weights": a property of the repo
         weights = str(e).splitlines()[0]
     _, target = release_target(candidate.repo, policy)
-    return CandidateInfo(candidate, revision=info.sha, licenses=_card_licenses(card), architectures=architectures,
-                         weights=weights, head_tensors=head, target_exists=api.repo_exists(target))
+    donor = api.model_info(policy.base(candidate.base).head_donor).sha
+    return CandidateInfo(candidate, revision=info.sha, donor_revision=donor, licenses=_card_licenses(card),
+                         architectures=architectures, weights=weights, head_tensors=head,
+                         target_exists=api.repo_exists(target))
 
 
 def _card_licenses(card: dict) -> tuple[str, ...]:
@@ -251,10 +271,10 @@ def _card_licenses(card: dict) -> tuple[str, ...]:
 
 
 class Reason(StrEnum):
-    """Why a candidate was or was not released; stable codes for logs, the UI table and the state file."""
+    """Why a candidate was or was not released; stable codes for logs, the UI table and the Variables."""
 
     ELIGIBLE = "eligible"
-    ALREADY_DECIDED = "already_decided"  # in the state file: handled by an earlier run
+    ALREADY_DECIDED = "already_decided"  # remembered: handled by an earlier or concurrent watch run
     INSPECT_FAILED = "inspect_failed"  # the Hub could not be read; tried again next run
     OWN_OUTPUT = "own_output"  # lives in our target namespace
     EXCLUDED_TAG = "excluded_tag"  # tagged like a release (mtp, gguf, ...)
@@ -285,14 +305,19 @@ class Decision:
         return self.reason not in (Reason.INSPECT_FAILED, Reason.ALREADY_DECIDED)
 
 
-def decide(info: CandidateInfo, policy: WatchPolicy, state: WatchState) -> Decision:
-    """Whether to release ``info.candidate``; the first rule that rejects it gives the reason."""
+def decide(info: CandidateInfo, policy: WatchPolicy, *, earlier: dict | None = None,
+           claimant: str | None = None) -> Decision:
+    """Whether to release ``info.candidate``; the first rule that rejects it gives the reason.
+
+    ``earlier``: the remembered decision on this candidate; ``claimant``: the candidate an earlier eligible
+    decision gave this candidate's target repo to.
+    """
     candidate = info.candidate
 
     def verdict(reason: Reason, detail: str, release: ReleaseConfig | None = None) -> Decision:
         return Decision(candidate.repo, info.revision, reason, detail, release)
 
-    if (earlier := state.get(candidate.repo)) is not None:
+    if earlier is not None:
         return verdict(Reason.ALREADY_DECIDED, f"decided {earlier['decided_at']}: {earlier['reason']}")
     if info.error is not None:
         return verdict(Reason.INSPECT_FAILED, info.error)
@@ -321,16 +346,17 @@ def decide(info: CandidateInfo, policy: WatchPolicy, state: WatchState) -> Decis
     name, target = release_target(candidate.repo, policy)
     if info.target_exists:
         return verdict(Reason.ALREADY_PUBLISHED, f"{target} exists")
-    if (claimant := state.claimed_targets().get(target)) is not None:
+    if claimant is not None:
         return verdict(Reason.ALREADY_PUBLISHED, f"{target} is claimed by {claimant}")
     defaults = policy.release
     try:
         release = ReleaseConfig.model_validate({
             "name": name, "arch": arch.name,
             "finetune": {"repo": candidate.repo, "revision": info.revision},
-            "donor": {"repo": policy.base(candidate.base).head_donor},
+            "donor": {"repo": policy.base(candidate.base).head_donor, "revision": info.donor_revision},
             "target": {"repo": target, "private": defaults.private},
             "layouts": defaults.layouts, "quants": defaults.quants, "head_type": defaults.head_type,
+            "bench": defaults.bench, "quality": defaults.quality,
         })
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
@@ -339,85 +365,37 @@ def decide(info: CandidateInfo, policy: WatchPolicy, state: WatchState) -> Decis
                                     f"into {target}", release)
 
 
+
 # ---------------------------------------------------------------------------------------------------------
-# Generated release configs
+# Generated release configs and remembered decisions
 # ---------------------------------------------------------------------------------------------------------
 
 
-def write_release_config(decision: Decision, configs_dir: Path, policy_path: Path) -> Path:
-    """Write the eligible decision's release config as YAML and validate it as the publish flow will read it."""
+def release_config_text(decision: Decision, policy_path: Path) -> str:
+    """The eligible decision's release config as YAML, validated as the publish flow will read it."""
     if decision.release is None:
         raise ValueError(f"{decision.repo} is not eligible ({decision.reason}): there is no release to write")
-    path = (configs_dir / f"{decision.release.name}.yaml").resolve()
     header = (f"# Generated by `mtpress watch` from {policy_path} on {_now()}.\n"
               f"# {decision.repo}@{decision.revision}: {decision.detail}\n")
-    body = yaml.safe_dump(decision.release.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-    write_text_atomic(path, header + body)
-    load_release_config(path)
+    text = header + yaml.safe_dump(decision.release.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    load_release_config(text)
+    return text
+
+
+def write_release_config(text: str, name: str, configs_dir: Path) -> Path:
+    """A copy of a generated config, for a person to read or to start by hand (``mtpress publish <path>``)."""
+    path = (configs_dir / f"{name}.yaml").resolve()
+    write_text_atomic(path, text)
     return path
 
 
-# ---------------------------------------------------------------------------------------------------------
-# State
-# ---------------------------------------------------------------------------------------------------------
-
-
-class WatchState:
-    """Final decisions by repo id, in one JSON file that is replaced atomically after every change."""
-
-    def __init__(self, path: Path, decisions: dict[str, dict] | None = None) -> None:
-        self.path = path
-        self.decisions: dict[str, dict] = decisions or {}
-
-    @classmethod
-    def load(cls, path: Path) -> WatchState:
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return cls(path)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MtpressError(f"{path}: watch state is not valid JSON ({e})",
-                               hint="restore it from a backup, or delete it to decide every candidate anew") from e
-        if not isinstance(raw, dict) or raw.get("schema_version") != STATE_SCHEMA_VERSION:
-            raise MtpressError(f"{path}: not a watch state file of schema version {STATE_SCHEMA_VERSION}",
-                               hint="delete it to decide every candidate anew")
-        return cls(path, raw["decisions"])
-
-    def get(self, repo: str) -> dict | None:
-        return self.decisions.get(repo)
-
-    def claimed_targets(self) -> dict[str, str]:
-        """Target repo → the candidate an earlier eligible decision gave it to."""
-        return {record["target"]: repo for repo, record in self.decisions.items() if record.get("target")}
-
-    def remember(self, decision: Decision, *, config: Path | None = None, launch: dict | None = None) -> dict:
-        record = {"reason": str(decision.reason), "detail": decision.detail, "revision": decision.revision,
-                  "decided_at": _now()}
-        if decision.release is not None:
-            record.update(target=decision.release.target.repo, config=str(config) if config else None, launch=launch)
-        self.decisions[decision.repo] = record
-        self.save()
-        return record
-
-    def save(self) -> None:
-        document = {"schema_version": STATE_SCHEMA_VERSION, "decisions": self.decisions}
-        write_text_atomic(self.path, json.dumps(document, indent=1, sort_keys=True) + "\n")
-
-
-@contextmanager
-def state_lock(state_path: Path) -> Iterator[None]:
-    """Hold an exclusive lock beside the state file, so two watch runs never decide the same candidate."""
-    state_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(state_path.with_name(state_path.name + ".lock"), "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise MtpressError(f"another watch run is using {state_path}",
-                               hint="wait for it to finish; scheduled runs never overlap") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+def decision_record(decision: Decision, *, launch: dict | None = None) -> dict:
+    """What is remembered of a final decision: small, it is stored in a Prefect Variable (5000 characters)."""
+    record = {"repo": decision.repo, "reason": str(decision.reason), "detail": decision.detail[:1000],
+              "revision": decision.revision, "decided_at": _now()}
+    if decision.release is not None:
+        record.update(target=decision.release.target.repo, launch=launch)
+    return record
 
 
 def _now() -> str:
