@@ -614,8 +614,11 @@ class ServedHub:
     """`mtpress hub serve` in a subprocess on a free port; `lines` are the first lines it printed."""
 
     def __init__(self, root, *args):
+        # Started with SIGINT ignored, as a child of a process that ignores it (a test runner, a shell's background
+        # job) inherits: Ctrl+C must stop it all the same.
         self.proc = subprocess.Popen(hub_serve_command(root, *args), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
         self.lines = [self.proc.stdout.readline() for _ in range(2)]
         self.url = re.search(r"HF_ENDPOINT=(\S+)", self.lines[1]).group(1)
 

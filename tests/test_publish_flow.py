@@ -272,10 +272,14 @@ def test_smoke_tests_and_uploads_ran_per_finished_file_and_benches_after_everyth
                     and r.parameters.get("output") == str(release["root"] / "release")), key=lambda r: r.start_time)
         runs = [t for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[cold.id])),
                                                  limit=200) if t.start_time and t.end_time]
-    spans = {kind: [(t.start_time, t.end_time) for t in runs if t.task_key.startswith(f"{kind}-")]
+    spans = {kind: [(t.start_time, t.end_time) for t in runs if t.name.startswith(f"{kind} ")]
              for kind in ("convert", "quantize", "smoke", "preupload", "bench")}
-    # 4 quants of the sidecar pair (trunk + head) and of the embedded file; both layouts' BF16 and 4 quants
-    assert len(spans["quantize"]) == 12 and len(spans["smoke"]) == len(spans["preupload"]) == 10
+    # Each layout's BF16 variant and 4 quants: 8 quantize runs (the sidecar's trunk and head in one), 10 smokes
+    # and 10 pre-uploads.
+    assert len(spans["quantize"]) == 8 and len(spans["smoke"]) == len(spans["preupload"]) == 10
+    # The matrix waits for the head to prove itself on BF16: no quantize before the first smoke test ended.
+    first_smoke = next(t for t in runs if t.name == "smoke sidecar/BF16")
+    assert all(start >= first_smoke.end_time for start, _ in spans["quantize"])
     first_convert_end = min(end for _, end in spans["convert"])
     assert all(start >= first_convert_end for start, _ in spans["smoke"] + spans["preupload"])
     busy_until = max(end for _, end in spans["quantize"] + spans["smoke"] + spans["preupload"])

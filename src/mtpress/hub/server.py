@@ -39,6 +39,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -1325,6 +1326,11 @@ def serve(hub: LocalHub) -> None:
     address)."""
     hub.bind()
     logger.info("Local Hub serving %s at %s (Ctrl+C to stop)", hub.store.root, hub.url)
+    # Ctrl+C and SIGTERM (a service manager, `docker stop`) both stop it cleanly. Set explicitly: a process
+    # started by one that ignores SIGINT inherits the ignoring, and Python would then never raise
+    # KeyboardInterrupt.
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.default_int_handler)
     try:
         hub._httpd.serve_forever()
     except KeyboardInterrupt:
