@@ -625,7 +625,11 @@ class ServedHub:
     def stop(self) -> str:
         """Ctrl+C, then everything it printed (stdout and stderr)."""
         self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()  # a failing test must not leave a server behind
+            raise
         # Read through the same file object: readline() above may have buffered more than two lines already.
         return "".join(self.lines) + self.proc.stdout.read()
 
