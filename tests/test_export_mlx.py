@@ -241,7 +241,7 @@ def test_the_release_workflow_verifies_the_pack_on_apple_silicon(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     job = yaml.safe_load((root / ".github/workflows/release.yml").read_text())["jobs"]["verify-mtplx"]
-    assert job["runs-on"].startswith("macos") and job["needs"] == "publish"
+    assert job["runs-on"].startswith("macos") and job["needs"] == ["publish", "publish-self-hosted"]
     steps = {s.get("name"): s for s in job["steps"]}
     output = tmp_path / "github_output"
     subprocess.run(["bash", "-e", "-c", steps["Find the pack's repo"]["run"]], cwd=root, check=True,
