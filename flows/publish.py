@@ -1,5 +1,5 @@
-"""The publish flow: fetch → inject → head → convert → quantize → smoke → bench → quality → manifest → card →
-gate → publish.
+"""The publish flow: fetch → inject → head → convert → quantize → smoke → bench → quality → split → manifest →
+card → gate → publish.
 
 Stages are plain functions (``mtpress.stages``), wrapped as named tasks in ``flows/tasks.py``; this file only
 composes them. Concurrency is Prefect's own. Every finished file is smoke-tested, and sent to the staging
@@ -15,7 +15,6 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.mlx_pack import build_mlx_pack
 from flows.realign import choose_head
@@ -23,6 +22,7 @@ from flows.record import input_records, write_cards, write_release_manifest
 from flows.release import Build, Lane, bench_quants, open_release, settle
 from flows.release_gate import stage_and_verify
 from flows.retries import retry_if_transient
+from flows.runners import task_runner
 from flows.tasks import (
     bench_variant,
     convert_layout,
@@ -33,6 +33,7 @@ from flows.tasks import (
     preupload_variant,
     quantize_layout,
     smoke_variant,
+    split_variant,
 )
 from mtpress.hub.client import hub_api
 from mtpress.naming import pair_trunks_with_heads
@@ -44,8 +45,8 @@ publish_task = task(publish_stage, name="publish", task_run_name="publish {targe
                     retries=2, retry_delay_seconds=[10, 60], retry_condition_fn=retry_if_transient)
 
 
-# Threads wait on files, lanes and the quantize slot rather than work: many may wait, few ever run.
-@flow(name="publish", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=64))
+# Threads, or a Dask cluster named in this process's environment; `runners.publish_flow` also reads the config.
+@flow(name="publish", log_prints=True, task_runner=task_runner())
 def publish(config: str = "model_configs/demo.yaml", output: str | None = None, push: bool = True,
             dry_run: bool = False, token_secret: str | None = None) -> str:
     """Build, test, document and publish the release a YAML file in model_configs/ describes.
@@ -65,15 +66,15 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
                                             release.release_dir, release.work)
     build = release.building(injected)
 
-    mmproj = export_mmproj.submit(build) if build.has_vision else None
-    converts, smokes, uploads = Lane(), Lane(), Lane()
+    mmproj = build.step(export_mmproj, build) if build.has_vision else None
+    converts, smokes, uploads = Lane(build.progress), Lane(build.progress), Lane()
     variants, smoked = {}, {}  # (layout, quant) → its files (a model and, in the sidecar layout, its head); smoke
     for layout in build.layouts:
         variants[layout, "BF16"] = converts.submit(convert_layout, build, layout)
         smoked[layout, "BF16"] = smokes.submit(smoke_variant, build, layout, "BF16", variants[layout, "BF16"], mmproj)
         for quant in cfg.quants:  # after the head proved itself on BF16: a dead head fails before the matrix
-            variants[layout, quant] = quantize_layout.submit(build, layout, quant, variants[layout, "BF16"],
-                                                             wait_for=smokes.futures[:1])
+            variants[layout, quant] = build.step(quantize_layout, build, layout, quant, variants[layout, "BF16"],
+                                                 wait_for=smokes.futures[:1])
     for (layout, quant), files in variants.items():
         if quant != "BF16":
             smoked[layout, quant] = smokes.submit(smoke_variant, build, layout, quant, files, mmproj)
@@ -86,12 +87,17 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
     settle(uploads.futures)
 
     root = [f for f in files if f.layout == cfg.layouts[0]]  # one layout is enough: both hold the same weights
-    bench_results = [bench_variant.submit(build, trunk.quant, trunk, head).result()
+    bench_results = [build.step(bench_variant, build, trunk.quant, trunk, head).result()
                      for trunk, head in pair_trunks_with_heads(root)
                      if build.has_head and cfg.bench.enabled and trunk.quant in bench_quants(cfg)]
-    quality_result = (measure_quality.submit(build, [f for f in root if f.role == "model"]).result()
+    quality_result = (build.step(measure_quality, build, [f for f in root if f.role == "model"]).result()
                       if cfg.quality.enabled else None)
     build.progress.finish()
+    # Built, smoke-tested and measured whole (llama-quantize needs the whole BF16); a file over the Hub's per-file
+    # limit is published as its llama-gguf-split parts, which the manifest, card and gate then name.
+    limit = cfg.target.max_file_size
+    files = [published for f in files
+             for published in (split_variant(build, f.layout, f.quant, [f]) if f.size > limit else [f])]
     inputs = input_records(cfg, release.arch, finetune, donor, injected)
     # The Apple Silicon pack: same checkpoint, after smoke (its checks compare with the BF16 tokens).
     mlx_release = build_mlx_pack(cfg, build.model, release.arch, release.release_dir, build.model_digest,

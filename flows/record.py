@@ -45,7 +45,7 @@ def write_release_manifest(build: Build, inputs: dict, files: list[GgufFile],
         "inject": {"action": injected.action, "reason": injected.reason, "head": injected.head,
                    "bytes_written": injected.bytes_written, "vocabulary": injected.vocabulary},
         "head_choice": head_choice,
-        "files": [{"path": f.path.relative_to(release.release_dir).as_posix(), **jsonable(f)} for f in files],
+        "files": [_file_record(f, release.release_dir) for f in files],
         "smoke": smoke,
         "bench": [row for result in bench for row in result.table()],
         "quality": quality.table() if quality else None,
@@ -57,11 +57,13 @@ def write_release_manifest(build: Build, inputs: dict, files: list[GgufFile],
     path = write_manifest(release.release_dir, manifest)
     create_table_artifact(key=release.key("files"), description="release files",
                           table=[{"file": f.path.relative_to(release.release_dir).as_posix(), "role": f.role,
-                                  "quant": f.quant, "MiB": round(f.size / 2**20, 1), "sha256": f.sha256[:16]}
+                                  "quant": f.quant, "MiB": round(f.size / 2**20, 1), "sha256": f.sha256[:16],
+                                  "parts": len(f.parts)}
                                  for f in files])
     create_table_artifact(key=release.key("smoke"), description="smoke: greedy output with and without draft-mtp",
                           table=[{"file": s.model, "layout": s.layout, "identical": s.tokens_identical,
-                                  "drafted": s.drafted, "accepted": s.accepted,
+                                  "chat identical": s.chat_tokens_identical, "drafted": s.drafted,
+                                  "accepted": s.accepted,
                                   "acceptance": round(s.acceptance or 0, 3),
                                   **({"image identical": s.image_tokens_identical, "image drafted": s.image_drafted}
                                      if build.has_vision else {})} for s in smoke])
@@ -83,6 +85,18 @@ def write_cards(release_dir: Path, artifact_key: str, description: str = "model 
     write_card(release_dir, card)
     create_markdown_artifact(card_preview(card), key=artifact_key, description=description)
     record_manifest(release_dir, manifest.release)
+
+
+def _file_record(file: GgufFile, release_dir: Path) -> dict:
+    """A file as the manifest lists it, by its path in the repo; a split one with each part's path, size and
+    sha256 (what the Hub holds), and no parts key otherwise, so unsplit releases' manifests stay as they were."""
+    record = {"path": file.path.relative_to(release_dir).as_posix(), **jsonable(file)}
+    record.pop("parts")
+    if file.parts:
+        folder = file.path.parent.relative_to(release_dir)
+        record["parts"] = [{"path": (folder / p.name).as_posix(), "size": p.size, "sha256": p.sha256}
+                           for p in file.parts]
+    return record
 
 
 def card_preview(card) -> str:

@@ -3,13 +3,18 @@
 ``open_release`` does what must happen before any work: read the config, check the token can publish,
 make this run the only one using the release folder, remove what a killed run left, resolve the
 toolchain. ``Release.building`` then fixes the checkpoint the files are built from and checks the disk
-for them. Tasks get the ``Build`` and report to its ``Progress`` (a line in the terminal, a progress
-artifact in the UI) and its content cache (a reused result is a Cached task run that says why).
+for them. Tasks get the ``Build`` and go through its content cache (a reused result is a Cached task run that
+says why); the flow counts their completions in its ``Progress`` (a line in the terminal, a progress artifact
+in the UI). Tasks may run in other processes (flows/runners.py: a Dask cluster), which get copies of the
+``Build``: nothing in it may depend on running in the flow's process.
 """
 
 from __future__ import annotations
 
+import contextvars
+import inspect
 import os
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,13 +33,14 @@ from mtpress.archs import get_arch
 from mtpress.archs.base import ArchSpec
 from mtpress.cache import StageCache
 from mtpress.checkpoint import ModelDir
+from mtpress.errors import SharedStorageError
 from mtpress.fsutil import dir_digest, hold_folder, remove_stale_partials
 from mtpress.hub.client import hub_api
 from mtpress.naming import artifact_key, layout_dir
 from mtpress.schema import ReleaseConfig, Target, load_release_config, release_config_path
 from mtpress.stage_keys import reused_outputs
 from mtpress.stages.inject import InjectResult
-from mtpress.stages.preflight import check_disk_space, planned_output_bytes
+from mtpress.stages.preflight import check_disk_space, check_plan, plan_run, planned_output_bytes
 from mtpress.stages.publish import check_write_access
 from mtpress.toolchain import LlamaCpp, resolve_toolchain
 
@@ -43,25 +49,51 @@ T = TypeVar("T")
 
 @dataclass
 class Progress:
-    """``[done/total] what`` in the log and a progress artifact in the UI; tasks report from any thread."""
+    """``[done/total] what`` in the log and a progress artifact in the UI, counted on the flow's side as tracked
+    task runs complete: a task may run in another process (a Dask worker), whose copy would count for nobody."""
 
     total: int
     artifact: UUID
     done: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _pending: int = 0  # tracked task runs whose completion is not counted yet
+    _lock: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
     @classmethod
     def start(cls, total: int, key: str) -> Progress:
         return cls(total, create_progress_artifact(0.0, key=key, description="release build progress"))
 
-    def advance(self, what: str) -> None:
+    def track(self, future: PrefectFuture, what: str) -> PrefectFuture:
+        """One step when ``future``'s task run completes ("(reused)" when it is Cached); none if it fails."""
+        # The callback runs on another thread: in a copy of the flow run's context, for its logger and its API.
+        context = contextvars.copy_context()
         with self._lock:
-            self.done += 1
-            get_run_logger().info("[%d/%d] %s", self.done, self.total, what)
-            update_progress_artifact(self.artifact, 100.0 * min(self.done, self.total) / self.total)
+            self._pending += 1
+        future.add_done_callback(lambda done: context.run(self._completed, done, what))
+        return future
+
+    def _completed(self, future: PrefectFuture, what: str) -> None:
+        with self._lock:
+            try:
+                state = future.wrapped_future.result()  # the final State (runners run tasks for their state)
+                if isinstance(state, State) and state.is_completed():
+                    self.done += 1
+                    reused = " (reused)" if state.name == "Cached" else ""
+                    get_run_logger().info("[%d/%d] %s%s", self.done, self.total, what, reused)
+                    update_progress_artifact(self.artifact, 100.0 * min(self.done, self.total) / self.total)
+            finally:
+                self._pending -= 1
+                self._lock.notify_all()
 
     def finish(self) -> None:
+        with self._lock:  # the last callbacks may still be running after the flow saw their futures finish
+            self._lock.wait_for(lambda: self._pending == 0)
         update_progress_artifact(self.artifact, 100.0)
+
+    def __getstate__(self) -> dict[str, Any]:  # travels to workers with the Build, without the flow's lock
+        return {name: value for name, value in vars(self).items() if name != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state, _lock=threading.Condition())
 
 
 @dataclass(frozen=True)
@@ -133,31 +165,55 @@ class Build:
         reused = self.release.cache.lookup(stage, key) is not None
         return self.release.cache.run(stage, key, compute, *args, **kwargs), reused
 
-    def report(self, what: str, result: T, reused: bool) -> T | State:
-        """One progress step; a result reused from an earlier run comes back as a Cached state, so the task run
-        shows it in the UI, and why."""
-        self.progress.advance(f"{what} (reused)" if reused else what)
+    @staticmethod
+    def report(result: T, reused: bool) -> T | State:
+        """A result reused from an earlier run comes back as a Cached state, so the task run shows it in the UI,
+        and why (and the flow's progress line says "reused")."""
         if reused:
             return Completed(name="Cached", data=result,
                              message="reused: an earlier run made it from the same inputs with the same code, "
                                      "and its outputs are intact")
         return result
 
-    def cached(self, stage: str, key: str, what: str, compute: Callable[..., T], *args: Any, **kwargs: Any
-               ) -> T | State:
-        return self.report(what, *self.reuse_or_run(stage, key, compute, *args, **kwargs))
+    def cached(self, stage: str, key: str, compute: Callable[..., T], *args: Any, **kwargs: Any) -> T | State:
+        return self.report(*self.reuse_or_run(stage, key, compute, *args, **kwargs))
+
+    def step(self, task: Task, *args: Any, **kwargs: Any) -> PrefectFuture:
+        """``task.submit(*args, **kwargs)``, counted as a progress step under its task run's name."""
+        return self.progress.track(task.submit(*args, **kwargs), run_name(task, *args, **kwargs))
 
 
 class Lane:
-    """Tasks submitted to a lane run one at a time, in order: each waits for the one before (``wait_for``)."""
+    """Tasks submitted to a lane run one at a time, in order: each waits for the one before (``wait_for``); with
+    ``progress``, each is a progress step."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: Progress | None = None) -> None:
         self.futures: list[PrefectFuture] = []
+        self.progress = progress
 
     def submit(self, task: Task, *args: Any, **kwargs: Any) -> PrefectFuture:
         future = task.submit(*args, wait_for=self.futures[-1:], **kwargs)
         self.futures.append(future)
-        return future
+        return self.progress.track(future, run_name(task, *args, **kwargs)) if self.progress else future
+
+
+def run_name(task: Task, *args: Any, **kwargs: Any) -> str:
+    """The name the UI gives the task run of ``task.submit(*args, **kwargs)``: its ``task_run_name`` filled in."""
+    kwargs.pop("wait_for", None)
+    if not isinstance(task.task_run_name, str):
+        return task.name
+    return task.task_run_name.format(**inspect.signature(task.fn).bind(*args, **kwargs).arguments)
+
+
+def visible(*paths: Path) -> None:
+    """Refuse to work on a machine that cannot see the files this run wrote on another one: with a Dask cluster
+    the release folder and its work folder must be on storage every worker mounts at the same path."""
+    if missing := [path for path in paths if not path.exists()]:
+        raise SharedStorageError(f"worker {socket.gethostname()} (pid {os.getpid()}) cannot see {missing[0]}"
+                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                                 + ", which this run wrote",
+                                 hint="put the release folder (--output) and its .work-<name> sibling on storage "
+                                      "every Dask worker mounts at the same path (docs/deploy.md, Scaling out)")
 
 
 def settle(futures: Sequence[PrefectFuture | None]) -> list:
@@ -194,7 +250,13 @@ def open_release(config: str, output: str | None, *, push: bool, dry_run: bool, 
         log.warning("removed %d leftovers of an interrupted run: %s", len(stale), ", ".join(p.name for p in stale))
     tools = resolve_toolchain()
     log.info("llama.cpp b%s (%s)", tools.version, tools.origin)
-    return Release(cfg, release_config_path(config), get_arch(cfg.arch), tools, release_dir, work,
+    arch = get_arch(cfg.arch)
+    # From Hub metadata: a run that cannot fit is refused before any weight is downloaded.
+    plan = plan_run(cfg, arch, converter_patched=bool(tools.patches), gate=push and not dry_run)
+    log.info("preflight: %.2f GiB of disk (%s), %.2f GiB of memory", plan.disk / 2**30, plan.breakdown(),
+             plan.memory / 2**30)
+    check_plan(plan, release_dir, held=(release_dir, work))
+    return Release(cfg, release_config_path(config), arch, tools, release_dir, work,
                    StageCache(release_dir), push, dry_run)
 
 

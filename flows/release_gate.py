@@ -21,7 +21,7 @@ from mtpress.cache import StageCache, cache_key
 from mtpress.manifest import jsonable, read_manifest, write_manifest
 from mtpress.schema import ReleaseConfig
 from mtpress.stages.card import render_card, write_card
-from mtpress.stages.gate import GateResult, gate, pairings_from_manifest
+from mtpress.stages.gate import GateResult, choose_pairings, gate, pairings_from_manifest
 from mtpress.stages.publish import publish as publish_stage
 from mtpress.toolchain import LlamaCpp
 
@@ -40,7 +40,9 @@ def stage_and_verify(release_dir: Path, cfg: ReleaseConfig, tools: LlamaCpp, api
     log.info("staged %s at commit %s (%s)", staged.repo, staged.commit,
              "new commit" if staged.committed else "unchanged")
     manifest = read_manifest(release_dir)
-    pairings = pairings_from_manifest(manifest)
+    # -hf for the recommended quant, the smallest and gate.tags; every file's sha256 from the Hub's metadata.
+    pairings = choose_pairings(pairings_from_manifest(manifest), {f.path: f.size for f in manifest.files},
+                               cfg.gate.tags)
     sha256 = manifest.sha256_by_path()
     # A commit never changes: the same commit checked by the same llama.cpp with the same settings gives
     # the same result, so a rerun reuses it and the manifest, and the target, stay as they are.
@@ -51,7 +53,7 @@ def stage_and_verify(release_dir: Path, cfg: ReleaseConfig, tools: LlamaCpp, api
     for run in (r for r in result.runs if r.mtp):
         log.info("gate: llama-server %s loaded %s + %s; %d tokens as in the smoke test, drafted %d, accepted %d",
                  run.request, run.trunk, run.head or "its own head", run.tokens_compared, run.drafted, run.accepted)
-    log.info("gate passed on %s@%s: %d llama.cpp -hf runs, %d files reproduced by snapshot_download",
+    log.info("gate passed on %s@%s: %d llama.cpp -hf runs, %d files' sha256 as the Hub records them",
              result.repo, result.commit[:12], len(result.runs), result.snapshot.files_checked)
     manifest = manifest.model_copy(update={"gate": result.table(), "gate_details": jsonable(result),
                                            "stage_seconds": cache.seconds})

@@ -1,8 +1,10 @@
 """The stages as Prefect tasks: each named for what it works on, retried only when its error is transient.
 
 The publish flow's tasks take the run's ``Build`` (flows/release.py) and go through its content cache: a
-result reused from an earlier run is a Cached task run in the UI, with the reason. ``fetch_checkpoint`` and the
-three plain ones below are shared with the re-alignment flow, which composes its own stages.
+result reused from an earlier run is a Cached task run in the UI, with the reason. They may run on a Dask
+worker (flows/runners.py), so each first checks it can see the files it works on (``visible``).
+``fetch_checkpoint`` and the three plain ones below are shared with the re-alignment flow, which composes its
+own stages.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.release import Build, lane_threads
+from flows.release import Build, lane_threads, visible
 from flows.retries import retry_if_transient
 from mtpress.cache import cache_key
 from mtpress.checkpoint import ModelDir
@@ -25,6 +27,7 @@ from mtpress.stage_keys import convert_key, quantize_key
 from mtpress.stages import bench, convert, download, inject, quality, quantize, smoke
 from mtpress.stages.gguf_files import GgufFile
 from mtpress.stages.publish import preupload
+from mtpress.stages.split import check_splittable, split_file
 
 inject_task = task(inject.inject, name="inject", cache_policy=NO_CACHE)
 convert_task = task(convert.convert, name="convert", cache_policy=NO_CACHE)
@@ -46,16 +49,18 @@ def export_mmproj(build: Build) -> GgufFile:
     """One vision encoder (kept at BF16) serves every trunk of both layouts, from the repo root, where
     `-hf user/repo:QUANT` picks it up as the model's mmproj sibling."""
     layout = build.cfg.layouts[0]
+    visible(build.model.path)
     return build.cached("mmproj", cache_key(build.model_digest, "mmproj", build.cfg.name, build.tools.version),
-                        "mmproj", convert.export_mmproj, build.model, build.release.arch, layout,
+                        convert.export_mmproj, build.model, build.release.arch, layout,
                         name=build.cfg.name, tools=build.tools, out_dir=build.out_dir(layout))
 
 
 @task(name="convert", task_run_name="convert {layout}", **publish_task_options)
 def convert_layout(build: Build, layout: str) -> list[GgufFile]:
     """The layout's BF16 files: a model, and in the sidecar layout its head."""
-    return build.cached("convert", convert_key(build.model_digest, layout, build.cfg, build.tools),
-                        f"convert {layout}", convert.convert, build.model, build.release.arch, layout,
+    visible(build.model.path)
+    return build.cached("convert", convert_key(build.model_digest, layout, build.cfg, build.tools), convert.convert,
+                        build.model, build.release.arch, layout,
                         name=build.cfg.name, tools=build.tools, out_dir=build.out_dir(layout))
 
 
@@ -66,11 +71,13 @@ def quantize_layout(build: Build, layout: str, quant: str, bf16: list[GgufFile])
     def quantize_one(source: GgufFile) -> GgufFile:
         with occupy("quantize-cpu"):
             return quantize.quantize(source, quant, build.release.arch, build.model.config, name=build.cfg.name,
-                                     tools=build.tools, head_type=build.cfg.head_type)
+                                     tools=build.tools, head_type=build.cfg.head_type,
+                                     shared_type=build.cfg.head_shared_type)
 
+    visible(*(f.path for f in bf16))
     done = [build.reuse_or_run("quantize", quantize_key(f, quant, build.cfg, build.tools), quantize_one, f)
             for f in bf16]
-    return build.report(f"quantize {layout}/{quant}", [f for f, _ in done], all(reused for _, reused in done))
+    return build.report([f for f, _ in done], all(reused for _, reused in done))
 
 
 @task(name="smoke", task_run_name="smoke {layout}/{quant}", retries=1, retry_condition_fn=retry_if_transient,
@@ -79,10 +86,11 @@ def smoke_variant(build: Build, layout: str, quant: str, files: list[GgufFile], 
                   ) -> smoke.SmokeResult:
     """Greedy output with and without draft-mtp, drafts accepted above the floor (only a timeout is retried: a
     mismatch or a dead head fails the same way again). Its server takes a few cores beside a quantize."""
+    visible(*(f.path for f in files), *([mmproj.path] if mmproj else []))
     [(model, head)] = pair_trunks_with_heads(files)
     key = cache_key(model.sha256, head.sha256 if head else None, mmproj.sha256 if mmproj else None,
                     build.cfg.smoke.model_dump(), build.tools.version)
-    return build.cached("smoke", key, f"smoke {layout}/{model.name}", smoke.smoke, model, head, build.cfg.smoke,
+    return build.cached("smoke", key, smoke.smoke, model, head, build.cfg.smoke,
                         build.tools, mmproj, threads=lane_threads())
 
 
@@ -90,11 +98,22 @@ def smoke_variant(build: Build, layout: str, quant: str, files: list[GgufFile], 
 def preupload_variant(build: Build, layout: str, quant: str, files: list[GgufFile]) -> int:
     """Send finished files to the private staging repo while the rest builds; bytes sent. A failure costs
     nothing (the staging commit sends whatever is missing), so it is logged, not raised."""
-    try:
-        return preupload(files, build.release.release_dir, build.release.staging, hub_api())
+    limit = build.cfg.target.max_file_size
+    check_splittable(files, limit)  # a file that can never be published fails the run before anything is sent
+    try:  # a file over the limit is split before the manifest: the staging commit sends its parts
+        return preupload([f for f in files if f.size <= limit], build.release.release_dir, build.release.staging,
+                         hub_api())
     except PublishError as e:
         get_run_logger().warning("%s", e)
         return 0
+
+
+@task(name="split", task_run_name="split {layout}/{quant}", **publish_task_options)
+def split_variant(build: Build, layout: str, quant: str, files: list[GgufFile]) -> list[GgufFile]:
+    """Each file over the Hub's per-file limit replaced by its llama-gguf-split parts, once smoke, bench and
+    quality have used it whole. Not cached: the whole file it would be keyed on is gone once split."""
+    visible(*(f.path for f in files))
+    return [split_file(f, build.cfg.target.max_file_size, build.tools) for f in files]
 
 
 @task(name="bench", task_run_name="bench {quant}", **publish_task_options)
@@ -106,13 +125,15 @@ def bench_variant(build: Build, quant: str, model: GgufFile, head: GgufFile | No
 
     key = cache_key(model.sha256, head.sha256 if head else None, build.cfg.bench.model_dump(mode="json"),
                     build.tools.version)
-    return build.cached("bench", key, f"bench {model.name}", measure)
+    visible(*(f.path for f in (model, head) if f))
+    return build.cached("bench", key, measure)
 
 
 @task(name="quality", task_run_name="quality", **publish_task_options)
 def measure_quality(build: Build, models: list[GgufFile]) -> quality.QualityResult:
     """Perplexity and KL-divergence of every model file against the BF16 one."""
+    visible(*(f.path for f in models))
     bf16 = next(f for f in models if f.quant == "BF16")
     key = cache_key([f.sha256 for f in models], build.cfg.quality.model_dump(mode="json"), build.tools.version)
-    return build.cached("quality", key, "quality: perplexity and KL-divergence against BF16", quality.quality, bf16,
+    return build.cached("quality", key, quality.quality, bf16,
                         [f for f in models if f is not bf16], build.cfg.quality, build.tools, build.release.work)

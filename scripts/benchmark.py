@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -100,6 +101,9 @@ class Usage:
     peak_anon: int
     written: int
     uploaded: int
+    peak_disk: int = 0  # highest stored_bytes of the ``disk`` folders given to measure(); 0 when none
+    # Per program of the tree (convert, quantize, llama-server, the rest): peak RssAnon and CPU seconds.
+    programs: dict | None = None
 
 
 # MEASUREMENT
@@ -138,20 +142,64 @@ def memory_of(pid: int) -> tuple[int, int]:
     return values.get("VmRSS", 0), values.get("RssAnon", 0)
 
 
-class TreeSampler(threading.Thread):
-    """Samples a process tree every SAMPLE_S seconds until stopped, for its peak memory."""
+# Which program a process of the tree is, by its command line: the stage it serves.
+PROGRAMS = (("convert_hf_to_gguf", "convert"), ("llama-quantize", "quantize"), ("llama-server", "llama-server"),
+            ("llama-imatrix", "imatrix"))
+DISK_EVERY = 10  # samples between two walks of the disk folders
 
-    def __init__(self, root: int) -> None:
+
+def program_of(pid: int) -> str:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "other"
+    return next((label for needle, label in PROGRAMS if needle.encode() in cmdline), "python and the rest")
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of one live process, in clock ticks; 0 once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = stat[stat.rfind(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])
+
+
+class TreeSampler(threading.Thread):
+    """Samples a process tree every SAMPLE_S seconds until stopped: peak memory, per program too, and disk."""
+
+    def __init__(self, root: int, disk: tuple[Path, ...] = ()) -> None:
         super().__init__(daemon=True)
-        self.root = root
-        self.peak_rss = self.peak_anon = 0
+        self.root, self.disk = root, disk
+        self.peak_rss = self.peak_anon = self.peak_disk = self.samples = 0
+        self.program_anon: dict[str, int] = {}
+        self.last_ticks: dict[int, tuple[str, int]] = {}  # pid → (program, last CPU ticks seen)
         self._done = threading.Event()
 
     def sample(self) -> None:
         tree = process_tree(self.root)
-        memory = [memory_of(pid) for pid in tree]
-        self.peak_rss = max(self.peak_rss, sum(m[0] for m in memory))
-        self.peak_anon = max(self.peak_anon, sum(m[1] for m in memory))
+        memory = {pid: memory_of(pid) for pid in tree}
+        self.peak_rss = max(self.peak_rss, sum(m[0] for m in memory.values()))
+        self.peak_anon = max(self.peak_anon, sum(m[1] for m in memory.values()))
+        anon: dict[str, int] = {}
+        for pid in tree:
+            program = self.last_ticks[pid][0] if pid in self.last_ticks else program_of(pid)
+            anon[program] = anon.get(program, 0) + memory[pid][1]
+            self.last_ticks[pid] = (program, max(cpu_ticks(pid), self.last_ticks.get(pid, ("", 0))[1]))
+        for program, value in anon.items():
+            self.program_anon[program] = max(self.program_anon.get(program, 0), value)
+        if self.disk and self.samples % DISK_EVERY == 0:
+            self.peak_disk = max(self.peak_disk, sum(stored_bytes(folder) for folder in self.disk if folder.exists()))
+        self.samples += 1
+
+    def programs(self) -> dict:
+        """Peak RssAnon and CPU seconds per program (CPU as last sampled: a process's final 0.2 s may be missed)."""
+        tick = os.sysconf("SC_CLK_TCK")
+        cpu: dict[str, float] = {}
+        for program, ticks in self.last_ticks.values():
+            cpu[program] = cpu.get(program, 0.0) + ticks / tick
+        return {p: {"peak_anon": self.program_anon.get(p, 0), "cpu_s": round(cpu.get(p, 0.0), 1)} for p in cpu}
 
     def run(self) -> None:
         while not self._done.wait(SAMPLE_S):
@@ -163,8 +211,11 @@ class TreeSampler(threading.Thread):
 
 
 def measure(argv: list[str], *, log: Path, env: dict[str, str] | None = None, hub=None,
-            cwd: Path = ROOT) -> Usage:
-    """Run ``argv`` to completion as a measured process tree; its output goes to ``log``."""
+            cwd: Path = ROOT, disk: tuple[Path, ...] = ()) -> Usage:
+    """Run ``argv`` to completion as a measured process tree; its output goes to ``log``.
+
+    ``disk``: folders whose stored bytes are sampled for the peak (every DISK_EVERY samples).
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
     report = log.with_suffix(".usage.json")
     received = hub.bytes_received if hub else 0
@@ -172,7 +223,7 @@ def measure(argv: list[str], *, log: Path, env: dict[str, str] | None = None, hu
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-c", WRAPPER, str(report), *argv], stdout=out,
                                 stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd)
-        sampler = TreeSampler(proc.pid)
+        sampler = TreeSampler(proc.pid, disk)
         sampler.start()
         rc = proc.wait()
         sampler.stop()
@@ -183,15 +234,19 @@ def measure(argv: list[str], *, log: Path, env: dict[str, str] | None = None, hu
     result = json.loads(report.read_text())
     return Usage(wall_s=round(wall, 1), cpu_s=round(result["cpu_s"], 1), peak_rss=sampler.peak_rss,
                  peak_anon=sampler.peak_anon, written=result["io"]["write_bytes"],
-                 uploaded=(hub.bytes_received - received) if hub else 0)
+                 uploaded=(hub.bytes_received - received) if hub else 0, peak_disk=sampler.peak_disk,
+                 programs=sampler.programs())
 
 
 def stored_bytes(folder: Path) -> int:
     """Bytes of the regular files under ``folder``, each inode once (hard links and symlinks are not new bytes)."""
     seen, total = set(), 0
     for path in folder.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            st = path.stat()
+        try:  # sampled while a run writes and deletes: a file may vanish between listing and stat
+            st = path.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode):
             if (st.st_dev, st.st_ino) not in seen:
                 seen.add((st.st_dev, st.st_ino))
                 total += st.st_size
@@ -250,12 +305,13 @@ def model_pair(size: str) -> tuple[Path, Path, str, str]:
     return base, finetune, base_repo, finetune_repo
 
 
-def release_config(path: Path, *, name: str, finetune: str, donor: str, target: str, quants: list[str]) -> Path:
+def release_config(path: Path, *, name: str, finetune: str, donor: str, target: str, quants: list[str],
+                   layouts: list[str] | None = None) -> Path:
     import yaml
 
     path.write_text(yaml.safe_dump({
         "name": name, "finetune": {"repo": finetune}, "donor": {"repo": donor}, "target": {"repo": target},
-        "layouts": ["sidecar", "embedded"], "quants": quants, "head_type": "Q8_0",
+        "layouts": layouts or ["sidecar", "embedded"], "quants": quants, "head_type": "Q8_0",
         "bench": {"enabled": False}, "quality": {"enabled": False}}, sort_keys=False))
     return path
 
@@ -337,6 +393,71 @@ def bench_size(size: str, quants: list[str] | None, work: Path, code: dict[str, 
             "mtpress": {"download": mtpress_download, "bf16": mtpress_bf16, "quantized": mtpress_quantized},
             "identical_ggufs": shared,
             "stage_seconds": json.loads((release / "manifest.json").read_text(encoding="utf-8"))["stage_seconds"]}
+
+
+def bench_rehearsal(layers: int, quants: list[str], work: Path) -> dict:
+    """The 9B-shaped rehearsal (demo/rehearsal.py) at ``layers`` layers: generate, then one cold ``mtpress publish``.
+
+    Sidecar layout only (the disk allows one), bench and quality off; smoke and release gate run as always.
+    Peak disk counts the pair, the local Hub's storage and the release's work and output folders together.
+    """
+    from huggingface_hub import HfApi
+
+    from mtpress.demo.rehearsal import BASE_REPO_ID, FINETUNE_REPO_ID
+    from mtpress.hub.server import LocalHub
+
+    logs = ROOT / "releases" / "benchmark-logs"
+    models, label = work / "models", f"9b-{layers}"
+    print(f"\n== 9b × {layers} layers: generating the rehearsal pair", flush=True)
+    generator = ("import sys; from pathlib import Path; from mtpress.demo.rehearsal import rehearsal_spec, "
+                 "write_rehearsal_pair; write_rehearsal_pair(Path(sys.argv[1]), rehearsal_spec(int(sys.argv[2])))")
+    runs = {"generate": measure([sys.executable, "-c", generator, str(models), str(layers)],
+                                log=logs / f"{label}-generate.log", disk=(models,))}
+    [pair] = models.iterdir()
+    base, finetune = pair / "base", pair / "finetune"
+    name = f"Qwen3.5-9B-Rehearsal-{layers}L-FT-MTP"
+    with LocalHub(work / "hub", tokens={TOKEN}) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "PREFECT_HOME": str(work / "prefect"),
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "HF_HOME": str(work / "mtpress" / "hf_home")}
+        subprocess.run([sys.executable, "-c", "from prefect import flow; flow(lambda: None)()"], check=True,
+                       env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        api = HfApi(endpoint=hub.url, token=TOKEN)
+        start = time.monotonic()
+        for repo, folder in ((BASE_REPO_ID, base), (FINETUNE_REPO_ID, finetune)):
+            api.create_repo(repo, exist_ok=True)
+            api.upload_folder(repo_id=repo, folder_path=folder, commit_message="Upload checkpoint")
+        seed_s = time.monotonic() - start
+        config = release_config(work / f"{name}.yaml", name=name, finetune=FINETUNE_REPO_ID, donor=BASE_REPO_ID,
+                                target=f"mtpress-bench/{name}-GGUF", quants=quants, layouts=["sidecar"])
+        release = work / "mtpress" / name
+        print(f"== 9b × {layers} layers: mtpress publish, cold", flush=True)
+        runs["publish"] = measure([str(ROOT / ".venv" / "bin" / "mtpress"), "publish", str(config), "--output",
+                                   str(release)], log=logs / f"{label}-publish.log", hub=hub,
+                                  env=env, disk=(models, work / "hub", work / "mtpress"))
+        downloaded = stored_bytes(work / "mtpress" / f".work-{name}" / "hub-cache")
+        bf16, quantized = gguf_bytes(work / "mtpress")
+        manifest = json.loads((release / "manifest.json").read_text(encoding="utf-8"))
+    return {"size": "9b", "layers": layers, "quants": quants, "model_bytes": stored_bytes(pair),
+            "seed_hub_s": round(seed_s, 1), "downloaded": downloaded, "bf16": bf16, "quantized": quantized,
+            "runs": {k: asdict(v) for k, v in runs.items()}, "stage_seconds": manifest["stage_seconds"]}
+
+
+def rehearsal_report(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        lines += ["", f"9b × {r['layers']} layers: pair {gb(r['model_bytes'])} on disk (fine-tune trunk hard-linked);"
+                      f" sidecar; quants {', '.join(r['quants'])}; Hub seeded in {r['seed_hub_s']} s",
+                  f"  {'':10} {'wall s':>8} {'CPU s':>8} {'peak RssAnon':>12} {'peak disk':>10} {'written':>10}"
+                  f" {'uploaded':>10}"]
+        for key, u in r["runs"].items():
+            lines.append(f"  {key:10} {u['wall_s']:8.1f} {u['cpu_s']:8.1f} {gb(u['peak_anon']):>12}"
+                         f" {gb(u['peak_disk']):>10} {gb(u['written']):>10} {gb(u['uploaded']):>10}")
+            for program, p in sorted((u["programs"] or {}).items()):
+                lines.append(f"    {program:22} CPU {p['cpu_s']:8.1f} s, peak RssAnon {gb(p['peak_anon'])}")
+        lines.append(f"  downloaded {gb(r['downloaded'])}, BF16 GGUFs {gb(r['bf16'])}, quantized {gb(r['quantized'])}")
+        lines.append("  publish seconds per stage: " + ", ".join(f"{k} {v:g}" for k, v in r["stage_seconds"].items()))
+    return "\n".join(lines)
 
 
 def gguf_bytes(folder: Path) -> tuple[int, int]:
@@ -422,6 +543,22 @@ def machine() -> str:
     return f"{hw['cpu']}, {hw['cores']} cores, {memory / 2**30:.0f} GiB RAM, {hw['os']}"
 
 
+def rehearse(args: argparse.Namespace, work: Path) -> None:
+    quants = args.quants.split(",") if args.quants else ["Q8_0", "Q4_K_M"]
+    results = []
+    try:
+        for layers in args.layers:
+            results.append(bench_rehearsal(layers, quants, work / f"9b-{layers}"))
+            if args.json:
+                args.json.write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
+            if not args.keep:  # the next layer count needs the room
+                shutil.rmtree(work / f"9b-{layers}", ignore_errors=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\nmachine: {machine()}\n{rehearsal_report(results)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
@@ -430,7 +567,10 @@ def main() -> None:
         inner.add_argument(flag, required=True)
     inner.add_argument("--quants", nargs="+", required=True)
     inner.add_argument("--head-type", default="Q8_0")
-    parser.add_argument("--size", choices=(*SIZES, "both"), default="demo")
+    parser.add_argument("--size", choices=(*SIZES, "both", "9b"), default="demo",
+                        help="9b: the Qwen3.5-9B-shaped rehearsal (docs/rehearsal-9b.md), one cold publish")
+    parser.add_argument("--layers", type=int, nargs="+", default=[4],
+                        help="with --size 9b: layer counts to rehearse, one after another (multiples of 4)")
     parser.add_argument("--quants", help="comma-separated quant types (default: the release schema's)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (releases, hub, logs)")
     parser.add_argument("--work", type=Path, help="work folder (default: a new one under releases/)")
@@ -441,12 +581,15 @@ def main() -> None:
         return hand_recipe(args)
     if args.report:
         saved = json.loads(args.report.read_text())
-        return print(f"machine: {saved['machine']}\n{report(saved['results'])}")
+        render = rehearsal_report if saved["results"] and "layers" in saved["results"][0] else report
+        return print(f"machine: {saved['machine']}\n{render(saved['results'])}")
 
     sizes = SIZES if args.size == "both" else (args.size,)
     (ROOT / "releases").mkdir(exist_ok=True)
     work = (args.work or Path(tempfile.mkdtemp(prefix="benchmark-", dir=ROOT / "releases"))).resolve()
     print(f"work folder: {work}\nmachine: {machine()}", flush=True)
+    if args.size == "9b":
+        return rehearse(args, work)
     code = {"same": code_snapshot(work / "code"), "card": code_snapshot(work / "code-card", card_change=True)}
     results = []
     try:

@@ -110,3 +110,40 @@ def test_the_report_computes_the_ratios_and_judges_each_target(benchmark):
     assert "FAIL  no-op rerun ≤ 5% of the cold run (large): 7.5%" in text
     assert "PASS  card-only change uploads < 1 MB: 0.20 MB" in text
     assert "PASS  end-to-end ≤ 0.5 × the hand recipe (large): 0.40" in text
+
+
+def test_memory_cpu_and_disk_are_attributed_to_the_program_of_the_tree(benchmark, tmp_path):
+    # A child whose command line names llama-quantize holds 50 MB, burns 0.3 s of CPU and keeps a 20 MB file
+    # on the measured disk for 2.5 s (DISK_EVERY samples apart is 2 s), then deletes it.
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    quantize = f"""
+        import os, sys, time
+        held = bytearray(os.urandom(50 * {MB}))
+        open({str(disk / "q.gguf")!r}, "wb").write(os.urandom(20 * {MB}))
+        end = time.process_time() + 0.3
+        while time.process_time() < end:
+            pass
+        time.sleep(2.5)
+        os.remove({str(disk / "q.gguf")!r})
+        """
+    # The name is joined at run time so that only the child's command line holds it.
+    parent = f"import subprocess; subprocess.run({python(quantize)!r} + ['llama-' + 'quantize'], check=True)"
+    usage = benchmark.measure(python(parent), log=tmp_path / "logs" / "p.log", disk=(disk,))
+    assert usage.programs["quantize"]["peak_anon"] >= 50 * MB
+    assert usage.programs["quantize"]["cpu_s"] >= 0.3
+    assert usage.programs["python and the rest"]["peak_anon"] < 50 * MB
+    assert 20 * MB <= usage.peak_disk < 21 * MB and benchmark.stored_bytes(disk) == 0
+
+
+def test_the_rehearsal_report_lists_each_run_and_program(benchmark):
+    usage = {"wall_s": 540.0, "cpu_s": 125.0, "peak_rss": 2500 * MB, "peak_anon": 2400 * MB, "written": 6300 * MB,
+             "uploaded": 0, "peak_disk": 6280 * MB, "programs": {"convert": {"peak_anon": 900 * MB, "cpu_s": 80.0}}}
+    text = benchmark.rehearsal_report([{
+        "layers": 4, "model_bytes": 6280 * MB, "quants": ["Q8_0", "Q4_K_M"], "seed_hub_s": 100.0,
+        "runs": {"generate": usage, "publish": usage}, "downloaded": 5800 * MB, "bf16": 6280 * MB,
+        "quantized": 5100 * MB, "stage_seconds": {"convert": 300, "quantize": 400}}])
+    assert "9b × 4 layers: pair 6.28 GB" in text and "quants Q8_0, Q4_K_M" in text
+    assert "  publish       540.0    125.0      2.40 GB    6.28 GB    6.30 GB    0.00 MB" in text
+    assert "convert                CPU     80.0 s, peak RssAnon 0.90 GB" in text
+    assert "publish seconds per stage: convert 300, quantize 400" in text

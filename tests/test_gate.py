@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from mtpress.errors import GateError
 from mtpress.manifest import Manifest, jsonable
 from mtpress.schema import GateSpec, SmokeSpec, Target
-from mtpress.stages.gate import check_snapshot, gate, pairings_from_manifest, pairings_from_names
+from mtpress.stages.gate import check_hub_sha256, choose_pairings, gate, pairings_from_manifest, pairings_from_names
 from tests.conftest import TEST_TOKEN
 
 SMOKE = SmokeSpec(n_predict=16)
@@ -87,7 +87,7 @@ def test_a_correctly_named_repo_passes_with_the_smoke_tokens(hub, sidecar, toolc
     assert plain.tokens_match and mtp.tokens_match and mtp.tokens_compared == GATE.n_predict
     assert 0 < mtp.accepted <= mtp.drafted
     assert result.snapshot.files_checked == 2
-    assert [row["client"] for row in result.table()] == ["llama.cpp -hf"] * 2 + ["huggingface_hub snapshot_download"]
+    assert [row["client"] for row in result.table()] == ["llama.cpp -hf"] * 2 + ["Hub metadata (LFS sha256)"]
     assert not list(tmp_path.iterdir()), "the clients' downloads are removed"
 
 
@@ -112,14 +112,58 @@ def test_a_misnamed_head_is_refused_and_nothing_reaches_the_target(hub, sidecar,
     assert not hub.repo_exists(target.repo)
 
 
-def test_a_snapshot_that_does_not_reproduce_a_sha256_is_caught(hub, sidecar, tmp_path):
+def test_a_file_whose_bytes_differ_from_the_manifest_is_caught_without_a_download(sidecar, tmp_path):
+    """The Hub holds other bytes under the tested name (here: the head committed as the trunk): its own LFS
+    sha256 at the commit says so, and not one byte of the release is downloaded to find out."""
+    from mtpress.hub.server import LocalHub
+
     trunk, head, _ = sidecar
-    commit = upload(hub, "mtpress-demo/Sha-GGUF", {"T-BF16.gguf": trunk})
-    with pytest.raises(GateError, match=r"T-BF16\.gguf: huggingface_hub snapshot_download of .* has sha256 "
-                                        rf"{trunk.sha256}, the manifest says {head.sha256}"):
-        check_snapshot(hub, "mtpress-demo/Sha-GGUF", commit, {"T-BF16.gguf": head.sha256}, tmp_path)
-    with pytest.raises(GateError, match=r"mtp-T-BF16\.gguf: huggingface_hub snapshot_download .* no such file"):
-        check_snapshot(hub, "mtpress-demo/Sha-GGUF", commit, {"mtp-T-BF16.gguf": head.sha256}, tmp_path)
+    with LocalHub(tmp_path / "hub", tokens={TEST_TOKEN}) as local:
+        api = HfApi(endpoint=local.url, token=TEST_TOKEN)
+        commit = upload(api, "mtpress-demo/Sha-GGUF", {"T-BF16.gguf": head})
+        with pytest.raises(GateError, match=rf"T-BF16\.gguf: mtpress-demo/Sha-GGUF@{commit[:12]} holds sha256 "
+                                            rf"{head.sha256} \(Hub metadata \(LFS sha256\)\), the manifest says "
+                                            rf"{trunk.sha256}"):
+            check_hub_sha256(api, "mtpress-demo/Sha-GGUF", commit, {"T-BF16.gguf": trunk.sha256})
+        with pytest.raises(GateError, match=r"mtp-T-BF16\.gguf: .* has no such file"):
+            check_hub_sha256(api, "mtpress-demo/Sha-GGUF", commit, {"mtp-T-BF16.gguf": head.sha256})
+        assert check_hub_sha256(api, "mtpress-demo/Sha-GGUF", commit, {"T-BF16.gguf": head.sha256}).files_checked == 1
+        assert local.bytes_served == {}
+
+
+def test_the_gate_loads_only_the_recommended_and_the_smallest_quant(demo_ggufs, sidecar, toolchain, tmp_path):
+    """Three root trunks; -hf runs for the recommended tag (Q4_K_M, the card's rule) and the smallest (Q2_K) only.
+    The third (a sidecar trunk without a head: draft-mtp would fail on it) is never downloaded."""
+    from mtpress.hub.server import LocalHub
+    from mtpress.stages.gate import verify_repo
+
+    bf16, q4 = demo_ggufs
+    files = {"T-Q4_K_M.gguf": bf16, "T-Q2_K.gguf": q4, "T-BF16.gguf": sidecar[0]}
+    repo = "mtpress-demo/Two-GGUF"
+    with LocalHub(tmp_path / "hub", tokens={TEST_TOKEN}) as local:
+        api = HfApi(endpoint=local.url, token=TEST_TOKEN)
+        upload(api, repo, files)
+        result = verify_repo(api, repo, toolchain, tmp_path / "work")
+        served = dict(local.bytes_served)
+    assert [(r.tag, r.mtp) for r in result.runs] == [("Q4_K_M", False), ("Q4_K_M", True), ("Q2_K", False),
+                                                     ("Q2_K", True)]
+    assert served == {f"{repo}/T-Q4_K_M.gguf": bf16.size, f"{repo}/T-Q2_K.gguf": q4.size}
+
+
+def test_the_gate_chooses_the_recommended_the_smallest_and_the_named_quants():
+    from mtpress.stages.gate import Pairing
+
+    trunks = {"BF16": "X-BF16.gguf", "Q8_0": "X-Q8_0-00001-of-00002.gguf", "Q4_K_M": "X-Q4_K_M.gguf",
+              "IQ2_M": "X-IQ2_M.gguf"}
+    pairings = [Pairing(tag=t, trunk=trunk, head=None, mmproj=None, tokens=None) for t, trunk in trunks.items()]
+    # The split Q8_0 counts both parts (40): else its first part alone (20) would pass for the smallest.
+    sizes = {"X-BF16.gguf": 80, "X-Q8_0-00001-of-00002.gguf": 20, "X-Q8_0-00002-of-00002.gguf": 20,
+             "mtp-X-Q8_0.gguf": 5, "X-Q4_K_M.gguf": 25, "X-IQ2_M.gguf": 30}
+    assert [p.tag for p in choose_pairings(pairings, sizes)] == ["Q4_K_M"]  # recommended and smallest
+    assert [p.tag for p in choose_pairings(pairings, {**sizes, "X-IQ2_M.gguf": 10})] == ["Q4_K_M", "IQ2_M"]
+    assert [p.tag for p in choose_pairings(pairings, sizes, ["q8_0"])] == ["Q4_K_M", "Q8_0"]
+    with pytest.raises(GateError, match="gate.tags names Q6_K, which no root trunk carries"):
+        choose_pairings(pairings, sizes, ["Q6_K"])
 
 
 def test_verify_cli_checks_a_published_repo_and_refuses_a_revision_it_cannot_pin(hub, sidecar, tmp_path):
@@ -169,13 +213,14 @@ def test_the_card_pairs_each_trunk_with_its_head_and_reports_the_gate():
                            mmproj=None, intended_head=head, tokens_compared=16, tokens_match=True,
                            drafted=12 if extra else 0, accepted=8 if extra else 0)
                  for extra in ("", " --spec-type draft-mtp --spec-draft-n-max 2"))
-    result = GateResult(f"{repo}-staging", commit, runs, SnapshotCheck("huggingface_hub snapshot_download", "2.4.0",
+    result = GateResult(f"{repo}-staging", commit, runs, SnapshotCheck("Hub metadata (LFS sha256)", "2.4.0",
                                                                         commit, 4), {})
     card = card_of({**manifest, "gate": result.table(), "gate_details": jsonable(result)}).files
     english, chinese = card["README.md"], card["README_zh.md"]
     assert f"{row} ✅ yes |" in english and f"{row} ✅ 是 |" in chinese
     assert f"staging repo `{repo}-staging` (commit `{commit}`)" in english
-    assert "reproduced the SHA-256 of all 4 GGUF files above" in english
+    assert "(its LFS SHA-256, read with `huggingface_hub` 2.4.0, nothing downloaded) matched the SHA-256 of all 4 " \
+           "GGUF files above" in english
     assert f"暂存仓库 `{repo}-staging`（提交 `{commit}`）" in chinese
     assert "| 16/16 tokens | 12 | 8 |" in english
 

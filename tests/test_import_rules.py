@@ -10,12 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from mtpress.archs import registered
+
 ROOT = Path(__file__).resolve().parents[1]
 # The command line and the demo start flow runs: they are the package's entry points, above the flows. Nothing
 # else in mtpress may import them.
 ENTRY_POINTS = {"mtpress.cli", "mtpress.demo.run"}
 CARD_STAGES = {"mtpress.stages.card", "mtpress.stages.mlx_card"}
 TEMPLATE_NAMES = {"TEMPLATES_DIR", "MLX_TEMPLATES_DIR"}
+# What names an architecture: registered names and the HF classes they claim. Outside mtpress.archs (and the demo
+# generators, which write checkpoints of a family) code asks the ArchSpec, never compares or keys on these.
+ARCH_NAMES = {name for spec in registered().values() for name in (spec.name, *spec.hf_architectures)}
 
 
 def modules() -> dict[str, Path]:
@@ -49,6 +54,22 @@ def _under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
+def _architecture_tests(tree: ast.AST) -> list[tuple[ast.AST, str]]:
+    """Comparisons with an architecture's name (``arch.name != "qwen35"``, ``in ("qwen35", …)``) and tables
+    keyed by one (``{"qwen35": …}``)."""
+    def names(node: ast.AST | None) -> list[str]:
+        parts = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+        return [p.value for p in parts if isinstance(p, ast.Constant) and p.value in ARCH_NAMES]
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            found += [(node, n) for side in (node.left, *node.comparators) for n in names(side)]
+        elif isinstance(node, ast.Dict):
+            found += [(node, n) for key in node.keys for n in names(key)]
+    return found
+
+
 def violations(module: str, source: str, *, is_package: bool = False) -> list[str]:
     """What in ``source`` (the text of ``module``) breaks the layering, one line per import; empty when nothing does."""
     tree = ast.parse(source)
@@ -66,6 +87,9 @@ def violations(module: str, source: str, *, is_package: bool = False) -> list[st
                       "the card templates are rendered by the card stage only"))
     found = [f"{module} imports {min(hits)}: {why}" for names in imports(module, tree, is_package=is_package)
              for breaks, why in rules if (hits := [n for n in names if breaks(n)])]
+    if not (_under(module, "mtpress.archs") or _under(module, "mtpress.demo")):
+        found += [f"{module} tests the architecture by name ({name!r}, line {node.lineno}): ask the ArchSpec"
+                  for node, name in _architecture_tests(tree)]
     if module not in CARD_STAGES:
         found += [f"{module} names the templates folder ({node.value!r}): the card stage alone reaches it"
                   for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
@@ -94,6 +118,11 @@ def test_every_module_keeps_the_layering():
     ("flows.publish", "from mtpress.stages.card import TEMPLATES_DIR\n", "imports mtpress.stages.card.TEMPLATES_DIR:"),
     ("mtpress.stages.gate", "from pathlib import Path\nT = Path(__file__).parents[3] / 'templates' / 'card'\n",
      "names the templates folder ('templates')"),
+    ("mtpress.stages.realign", "def f(arch):\n    if arch.name != 'qwen35':\n        raise ValueError\n",
+     "tests the architecture by name ('qwen35', line 2)"),
+    ("mtpress.stages.export_mlx", "IDS = {'qwen35moe': None}\n", "tests the architecture by name ('qwen35moe'"),
+    ("flows.publish", "def f(c):\n    return c['architectures'][0] in ('Qwen3_5MoeForCausalLM',)\n",
+     "tests the architecture by name ('Qwen3_5MoeForCausalLM'"),
 ])
 def test_each_rule_catches_its_violation(module, source, problem):
     found = violations(module, source)
@@ -104,3 +133,5 @@ def test_what_the_rules_allow():
     assert violations("mtpress.stages.card", "from jinja2 import FileSystemLoader\nT = 'templates'\n") == []
     assert violations("mtpress.cli", "def publish():\n    from flows.publish import publish\n") == []
     assert violations("flows.publish", "from prefect import flow\nfrom mtpress.stages.card import render_card\n") == []
+    assert violations("mtpress.archs.qwen35moe", "IDS = {'qwen35moe': None}\n") == []
+    assert violations("mtpress.schema", "arch: str = 'qwen35'\n") == []  # a default names, it does not test

@@ -150,7 +150,7 @@ def test_multimodal_smoke_with_an_image_gives_identical_tokens_and_drafts(vl_rel
     smoke = vl_release["manifest"]["smoke"]
     assert len(smoke) == 2
     for result in smoke:
-        assert result["mmproj"] == "mmproj-Tiny-Qwen3.5-VL-Demo-FT-MTP-BF16.gguf"
+        assert result["mmproj"] == "mmproj-Tiny-Qwen3.5-VL-Demo-FT-BF16.gguf"
         assert result["passed"] and result["tokens_identical"] and result["drafted"] > 0, result
         assert result["image_tokens_identical"] and result["image_drafted"] > 0, result
         assert len(result["image_tokens"]) == result["n_predict"]

@@ -55,8 +55,8 @@ def test_files_carry_the_head_as_their_layout_demands(release):
             assert facts.nextn_layers == 1 and len(nextn_tensors) == 4, record["path"]
 
 
-@pytest.mark.parametrize("path", ["embedded/Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf",
-                                  "Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf"])
+@pytest.mark.parametrize("path", ["embedded/Tiny-Qwen3.5-Demo-FT-Q4_K_M.gguf",
+                                  "Tiny-Qwen3.5-Demo-FT-Q4_K_M.gguf"])
 def test_the_gguf_library_agrees_with_our_header_reader(release, path):
     """An independent check with llama.cpp's own gguf-py reader (slow at this vocabulary, so two files)."""
     reader = GGUFReader(release["dir"] / path)
@@ -238,8 +238,9 @@ def test_bench_and_quality_are_measured_with_spread_and_hardware(release):
 
 
 def test_the_release_was_staged_and_verified_with_the_real_clients_before_promotion(release):
-    """Stage → verify → promote: every root trunk was loaded by llama.cpp's -hf with its own head from the
-    private staging repo's commit, and the target holds the same GGUF bytes."""
+    """Stage → verify → promote: the recommended and the smallest root trunk (both Q4_K_M here) were loaded by
+    llama.cpp's -hf with their own head from the private staging repo's commit, every file's sha256 was checked
+    against the Hub's metadata, and the target holds the same GGUF bytes."""
     api, manifest = release["api"], release["manifest"]
     target = manifest["config"]["target"]["repo"]
     gate = manifest["gate_details"]
@@ -247,7 +248,7 @@ def test_the_release_was_staged_and_verified_with_the_real_clients_before_promot
     assert [c.commit_id for c in api.list_repo_commits(gate["repo"])][0] == gate["commit"]
     roots = {f["quant"]: f["path"] for f in manifest["files"] if "/" not in f["path"] and f["role"] == "model"}
     loaded = {r["tag"]: r for r in gate["runs"] if r["mtp"]}
-    assert set(loaded) == set(roots) == {"BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"}
+    assert set(roots) == {"BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M"} and set(loaded) == {"Q4_K_M"}
     for tag, run in loaded.items():
         assert run["trunk"] == roots[tag] and run["head"] == f"mtp-{roots[tag]}" == run["intended_head"]
         assert run["tokens_match"] and run["drafted"] > 0 and run["commit"] == gate["commit"]
@@ -255,7 +256,8 @@ def test_the_release_was_staged_and_verified_with_the_real_clients_before_promot
     staged = {s.rfilename: s.lfs.sha256 for s in api.model_info(gate["repo"], files_metadata=True).siblings if s.lfs}
     promoted = {s.rfilename: s.lfs.sha256 for s in api.model_info(target, files_metadata=True).siblings if s.lfs}
     assert staged == promoted
-    assert "watched llama.cpp load exactly these pairs" in (release["dir"] / "README.md").read_text(encoding="utf-8")
+    card = (release["dir"] / "README.md").read_text(encoding="utf-8")
+    assert "watched llama.cpp load the pairs marked checked" in card
 
 
 def test_smoke_tests_and_uploads_ran_per_finished_file_and_benches_after_everything(release):

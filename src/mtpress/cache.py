@@ -16,6 +16,7 @@ import hashlib
 import json
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,14 +57,25 @@ def cache_key(*parts: Any) -> str:
 
 
 class StageCache:
+    """A release folder's cache. It travels to other processes (a Dask worker gets a copy with each task): what
+    they add to it is on disk, shared storage included, and so is the count of seconds."""
+
     def __init__(self, root: Path) -> None:
         self.root = root / CACHE_DIR
-        self.hits: list[str] = []
+        self.hits: list[str] = []  # this process's hits
         # Seconds each stage's results took to compute, in this run or the run that stored them: a rerun
         # that reuses everything reports the same figures, so the manifest (and the repo) do not change.
-        self._seconds: dict[str, float] = {}
+        # One small file per stage run under a folder of this cache's own, which its copies in worker
+        # processes write to as well: the flow's copy reads every count.
+        self._seconds = self.root / "seconds" / uuid.uuid4().hex
         self._lock = threading.Lock()  # stages may finish on more than one thread (the flow's smoke lane)
         self._code: dict[str, str] = {}  # stage → code digest, read once per run: the code a run loaded
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {name: value for name, value in vars(self).items() if name != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state, _lock=threading.Lock())
 
     def _entry(self, stage: str, key: str) -> Path:
         if stage not in STAGE_CODE:
@@ -105,12 +117,14 @@ class StageCache:
     @property
     def seconds(self) -> dict[str, float]:
         """Seconds per stage, by stage name: stages on parallel lanes finish in any order, the manifest must not."""
-        with self._lock:
-            return dict(sorted(self._seconds.items()))
+        counts = [json.loads(f.read_text()) for f in self._seconds.glob("*.json")] if self._seconds.is_dir() else []
+        totals: dict[str, float] = {}
+        for stage, seconds in sorted(counts):  # summed in one order, however the files are listed
+            totals[stage] = round(totals.get(stage, 0.0) + seconds, 1)
+        return totals
 
     def _count(self, stage: str, seconds: float) -> None:
-        with self._lock:
-            self._seconds[stage] = round(self._seconds.get(stage, 0.0) + seconds, 1)
+        write_text_atomic(self._seconds / f"{uuid.uuid4().hex}.json", json.dumps([stage, seconds]))
 
 
 def _flatten(value: Any) -> list[Any]:

@@ -44,14 +44,14 @@ def publish(config: ConfigArg,
     from mtpress.schema import load_release_config
 
     load_release_config(config)  # a bad config fails here, in a second, before a Prefect server starts
-    from flows.publish import publish as publish_flow
+    from flows.runners import publish_flow
     from mtpress.toolchain.prefect_server import prefect_api
 
     if not debug:
         show_own_errors_once()
     with prefect_api():  # without PREFECT_API_URL, a Prefect server that ends with this process, kill -9 included
-        release = publish_flow(str(config), str(output) if output else None, push=push, dry_run=dry_run,
-                               token_secret=token_secret)
+        release = publish_flow(str(config))(str(config), str(output) if output else None, push=push,
+                                            dry_run=dry_run, token_secret=token_secret)
     typer.echo(f"release folder: {release}")
 
 
@@ -88,14 +88,19 @@ def demo(output: Annotated[Path, typer.Option(help="where the demo writes its re
          realign: Annotated[bool, typer.Option(
              help="instead, the release whose head is re-aligned on the fine-tune and measured against the copied "
                   "one (model_configs/demo-realign.yaml, into <output>-realign)")] = False,
+         moe: Annotated[bool, typer.Option(
+             help="instead, the mixture-of-experts family (Qwen3.5-MoE): model_configs/demo-moe.yaml into "
+                  "<output>-moe, then demo-moe-vl.yaml (multimodal, fused experts) into <output>-moe-vl")] = False,
          ) -> None:
     """Run the whole pipeline on generated tiny Qwen3.5 models: text-only, then multimodal (with an mmproj)."""
-    from mtpress.demo.run import DEMO_REALIGN_CONFIG, run_demo, run_demos
+    from mtpress.demo.run import DEMO_REALIGN_CONFIG, run_demo, run_demos, run_moe_demos
     from mtpress.toolchain.prefect_server import prefect_api
 
     with prefect_api():
         if realign:
             run_demo(output.with_name(output.name + "-realign"), config=DEMO_REALIGN_CONFIG)
+        elif moe:
+            run_moe_demos(output)
         else:
             run_demos(output)
 
@@ -107,8 +112,9 @@ def verify(repo: Annotated[str, typer.Argument(help="a published repo, e.g. user
            quant: Annotated[list[str] | None, typer.Option(help="check only this root quant (repeatable)")] = None,
            work_dir: Annotated[Path, typer.Option(help="scratch space for the clients' downloads (emptied after)")
                                ] = Path("releases/.verify")) -> None:
-    """Run the release gate read-only on any published repo: llama.cpp's -hf with and without draft-mtp for
-    every root quant, and snapshot_download against the files' sha256.
+    """Run the release gate read-only on any published repo: every file's sha256 against the Hub's LFS
+    metadata (with a manifest), and llama.cpp's -hf with and without draft-mtp for the recommended and the
+    smallest root quant (or the --quant ones).
 
     With the repo's manifest.json (an mtpress release) the intended heads and the smoke tokens come from it;
     otherwise each trunk's head is the `mtp-<trunk name>` file and tokens are compared with vs. without MTP.
@@ -147,13 +153,26 @@ def mtplx_verified(pack: Annotated[Path, typer.Argument(help="a downloaded MTPLX
 
 
 @app.command("check-config")
-def check_config(configs: Annotated[list[Path], typer.Argument(help="release configs to validate")]) -> None:
+def check_config(configs: Annotated[list[Path], typer.Argument(help="release configs to validate")],
+                 preflight: Annotated[bool, typer.Option(
+                     help="also read the sources' safetensors headers from the Hub (no weights) and check this "
+                          "machine's disk and memory for the whole run")] = False,
+                 output: Annotated[Path | None, typer.Option(help="the release folder, for --preflight's disk "
+                                                             "check (default releases/<name>)")] = None) -> None:
     """Validate release configs without running anything."""
     from mtpress.schema import load_release_config
 
     for path in configs:
         cfg = load_release_config(path)
         typer.echo(f"{path}: ok ({cfg.name}: {len(cfg.quants)} quants, layouts {', '.join(cfg.layouts)})")
+        if preflight:
+            from mtpress.archs import get_arch
+            from mtpress.stages.preflight import check_plan, plan_run
+
+            plan = plan_run(cfg, get_arch(cfg.arch))
+            typer.echo(f"  needs {plan.disk / 2**30:.2f} GiB of disk ({plan.breakdown()}), "
+                       f"{plan.memory / 2**30:.2f} GiB of memory")
+            check_plan(plan, (output or Path("releases") / cfg.name).resolve())
 
 
 @app.command("release-run")

@@ -19,12 +19,19 @@ holder dies.
 A limit lives on the Prefect server, so by default it is shared by every machine that talks to that server.
 With several machines, set ``MTPRESS_LIMIT_SCOPE`` (e.g. to the host name) in each worker's environment:
 ``occupy("quantize-cpu")`` then takes ``quantize-cpu-<scope>``, one slot per machine (docs/deploy.md).
+
+A task on a Dask worker (flows/runners.py) runs in another process, usually on another machine: there the
+flow's temporary server is not "temporary" (it is another process's), so the limit is the server's, and the
+scope defaults to the worker's host name: one quantize per machine of the cluster, however many workers it
+runs, never one for the whole cluster.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
@@ -43,8 +50,20 @@ def limit_name(kind: str) -> str:
     """The server-side name of a limit kind on this machine (scoped by ``MTPRESS_LIMIT_SCOPE`` when set)."""
     if kind not in LIMITS:
         raise ValueError(f"unknown concurrency limit {kind!r}; known: {', '.join(LIMITS)}")
-    scope = os.environ.get(SCOPE_ENV, "").strip()
+    scope = os.environ.get(SCOPE_ENV, "").strip() or (socket.gethostname() if _in_dask_worker() else "")
     return f"{kind}-{scope}" if scope else kind
+
+
+def _in_dask_worker() -> bool:
+    if "distributed" not in sys.modules:  # never imported: not a worker (and no import cost for the rest)
+        return False
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:
+        return False
+    return True
 
 
 def ensure_limits() -> list[str]:

@@ -65,11 +65,23 @@ class InsufficientDiskError(MtpressError, OSError):
     """Not enough free disk for the planned outputs; raised before any long work starts."""
 
 
+class InsufficientMemoryError(MtpressError, MemoryError):
+    """Not enough available memory for the conversion or llama-quantize; raised before any download."""
+
+
 class ReleaseBusyError(MtpressError, BlockingIOError):
     """Another mtpress run is using this release folder (or its work folder); raised at the start of a run.
 
     Example:
         /srv/releases/X is in use by another mtpress run (pid 4242, since 2026-12-04 16:02:11 UTC)
+    """
+
+
+class SharedStorageError(MtpressError, FileNotFoundError):
+    """A task on a cluster worker cannot see a file the run wrote: the release folder is not on shared storage.
+
+    Example:
+        worker node-2 (pid 311) cannot see /srv/releases/X/X-BF16.gguf, which this run wrote
     """
 
 
@@ -168,6 +180,16 @@ class GateError(QualityGateError):
     """
 
 
+class ChatTemplateError(QualityGateError):
+    """llama.cpp cannot parse or render a GGUF's chat template (``--jinja``), so no chat client can use the file;
+    quotes llama.cpp's error.
+
+    Example:
+        smoke X-Q4_K_M.gguf: llama-server (--jinja) cannot use the file's chat template (tokenizer.chat_template)
+        and exits: … Jinja Exception: …
+    """
+
+
 class DeadHeadError(QualityGateError):
     """A head drafts, but llama.cpp accepts fewer of its drafts than ``smoke.min_acceptance``: it only costs time.
 
@@ -194,6 +216,15 @@ class PublishConflictError(PublishError):
     Example:
         mtpress-demo/X-GGUF changed while publishing: the release was planned on commit 1a2b…, the branch is now
         at 3c4d…; nothing was committed
+    """
+
+
+class FileTooLargeError(PublishError):
+    """A file is larger than the Hub's per-file limit (``target.max_file_size``): refused before anything is
+    uploaded, since the Hub would refuse it after the rest was sent.
+
+    Example:
+        T-BF16.gguf is 547,135,008 bytes, over the 50,000,000-byte per-file limit of mtpress-demo/X-GGUF
     """
 
 

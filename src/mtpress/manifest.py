@@ -64,8 +64,17 @@ class _Document(StrictModel):
     schema_version: Literal[1] = SCHEMA_VERSION
 
 
+class ManifestPart(StrictModel):
+    """One llama-gguf-split part of a file over the Hub's per-file limit: what the repo holds in its place."""
+
+    path: str
+    size: int
+    sha256: str
+
+
 class ManifestFile(StrictModel):
-    """A GGUF of the release (``GgufFile`` without its local path): ``path`` is its path in the repo."""
+    """A GGUF of the release (``GgufFile`` without its local path): ``path`` is its path in the repo; ``size`` and
+    ``sha256`` are the whole file's (what smoke, bench and quality measured); a split one lists its ``parts``."""
 
     path: str
     name: str
@@ -79,10 +88,16 @@ class ManifestFile(StrictModel):
     tensor_count: int
     parameters: int | None = None  # manifests before the mmproj export lack it
     head_tensor_types: tuple[str, ...] = ()
+    parts: tuple[ManifestPart, ...] = ()  # empty: published whole
+
+    @property
+    def published(self) -> list[tuple[str, str]]:
+        """(path, sha256) of what the repo holds for this file: its parts, or the file itself."""
+        return [(p.path, p.sha256) for p in self.parts] or [(self.path, self.sha256)]
 
 
 class SmokeRow(StrictModel):
-    """One smoke test (``SmokeResult``); older manifests lack the tokens and the image run."""
+    """One smoke test (``SmokeResult``); older manifests lack the tokens, the image run and the chat request."""
 
     model: str
     head: str | None
@@ -103,6 +118,10 @@ class SmokeRow(StrictModel):
     image_tokens: tuple[int, ...] = ()
     image_drafted: int | None = None
     image_accepted: int | None = None
+    chat_tokens_identical: bool | None = None  # the chat request (older manifests lack it)
+    chat_tokens: tuple[int, ...] = ()
+    chat_reasoning: str = ""
+    chat_content: str = ""
 
 
 class Toolchain(StrictModel):
@@ -182,8 +201,9 @@ class Manifest(_Document):
     gate_details: Record | None = None
 
     def sha256_by_path(self) -> dict[str, str]:
-        """Each file's sha256 by its path in the repo: what a download of the release must reproduce."""
-        return {f.path: f.sha256 for f in self.files}
+        """Each file's sha256 by its path in the repo (each part's, for a split file): what a download of the release
+        must reproduce."""
+        return dict(path_sha for f in self.files for path_sha in f.published)
 
 
 class PackManifest(_Document):

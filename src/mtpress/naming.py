@@ -8,10 +8,13 @@ for the vision projector), so these strings are a contract with llama.cpp, not a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 from operator import attrgetter
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TypeVar
+
+from mtpress.errors import ConfigError, GateError
 
 HEAD_PREFIX = "mtp-"
 MMPROJ_PREFIX = "mmproj-"
@@ -23,10 +26,65 @@ MTPLX_SUFFIX = "-MTPLX"  # the Apple Silicon pack: its folder beside the release
 F = TypeVar("F")
 
 
+# llama.cpp's rules (common/download.cpp): names with these words are siblings, never the model.
+NOT_A_MODEL = ("mmproj", "imatrix", HEAD_PREFIX, "eagle3-", "dflash-", "dspark-")
+MTP_COMPONENT = "mtp"
+
+
+def file_stem(name: str) -> str:
+    """The release name as its files carry it: every ``-``-separated component that is ``MTP`` (any case) dropped
+    (``Qwen3.5-9B-Code-MTP`` → ``Qwen3.5-9B-Code``). The Hub's GGUF indexer shows the ``mmproj-`` file as the model
+    when the model files' names contain MTP (huggingface.js #2400), and a leading ``MTP-`` would read as a head's
+    ``mtp-`` prefix to llama.cpp. The repo name keeps MTP; two releases whose names differ only by it still never
+    share a file: each has its own repo, release folder and cache keys, all from the full name."""
+    stem = "-".join(part for part in name.split("-") if part.lower() != MTP_COMPONENT)
+    if not stem:
+        raise ConfigError("name", [f"{name!r} is nothing but MTP, which file names drop: its files would have no name"],
+                          hint="name the release after the model, e.g. Qwen3.5-9B-Code-MTP")
+    return stem
+
+
 def gguf_name(name: str, quant: str, role: str) -> str:
-    """``Name-QUANT.gguf``, ``mtp-Name-QUANT.gguf`` (a head keeps its trunk's tag whatever its tensors' type, so
-    ``-hf`` pairs each trunk with the head meant for it) and ``mmproj-Name-QUANT.gguf``."""
-    return f"{ROLE_PREFIX.get(role, '')}{name}-{quant}{GGUF_SUFFIX}"
+    """``Stem-QUANT.gguf``, ``mtp-Stem-QUANT.gguf`` (a head keeps its trunk's tag whatever its tensors' type, so
+    ``-hf`` pairs each trunk with the head meant for it) and ``mmproj-Stem-QUANT.gguf``; Stem is ``file_stem(name)``."""
+    return f"{ROLE_PREFIX.get(role, '')}{file_stem(name)}-{quant}{GGUF_SUFFIX}"
+
+
+def is_model_name(path: str) -> bool:
+    """A GGUF llama.cpp's ``-hf`` may take as the model (not a head, projector, imatrix or other sibling)."""
+    return path.endswith(GGUF_SUFFIX) and not any(word in PurePosixPath(path).name for word in NOT_A_MODEL)
+
+
+def check_indexer_names(paths: Iterable[str]) -> None:
+    """Refuse a file list the Hub's GGUF indexer misreads: a root model file whose name contains MTP beside a root
+    ``mmproj-`` file makes the model page show the projector (``clip``, 0.5B) as the model (huggingface.js #2400)."""
+    root = [p for p in paths if "/" not in p and p.endswith(GGUF_SUFFIX)]
+    mmproj = [p for p in root if p.startswith(MMPROJ_PREFIX)]
+    misread = [p for p in root if is_model_name(p) and MTP_COMPONENT in p.lower()]
+    if mmproj and misread:
+        raise GateError(f"the Hub's model page would show {mmproj[0]} (the vision projector) as the model: "
+                        f"model files named with MTP beside it: {', '.join(misread)}",
+                        hint="name model files without MTP (naming.gguf_name does; keep MTP in the repo name), "
+                             "see huggingface.js issue #2400")
+
+
+# llama.cpp's split parts (common/download.cpp get_gguf_split_info): ``<prefix>-00001-of-00003.gguf``; `-hf` takes
+# part 1 as the model and fetches every part with the same prefix and count.
+SPLIT_PART = re.compile(r"-(\d{5})-of-(\d{5})$", re.IGNORECASE)
+
+
+def split_part_name(filename: str, index: int, count: int) -> str:
+    """Part ``index`` (from 1) of ``count`` of a GGUF: ``X-Q8_0.gguf`` → ``X-Q8_0-00001-of-00003.gguf``, the name
+    ``llama-gguf-split --split`` writes and ``-hf repo:Q8_0`` matches (its tag is followed by ``-``)."""
+    return f"{filename.removesuffix(GGUF_SUFFIX)}-{index:05d}-of-{count:05d}{GGUF_SUFFIX}"
+
+
+def split_index(filename: str) -> tuple[str, int, int] | None:
+    """(the unsplit name, part index, part count) of a part's name; None for a file that is not a part."""
+    match = SPLIT_PART.search(filename.removesuffix(GGUF_SUFFIX))
+    if match is None:
+        return None
+    return f"{filename.removesuffix(GGUF_SUFFIX)[:match.start()]}{GGUF_SUFFIX}", int(match[1]), int(match[2])
 
 
 def head_name(trunk: str) -> str:

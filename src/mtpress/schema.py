@@ -15,16 +15,18 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mtpress.archs import registered
+from mtpress.archs import get_arch, registered
 from mtpress.errors import ConfigError
-from mtpress.naming import realign_repo, staging_repo
+from mtpress.hub.server import HUB_MAX_FILE_SIZE
+from mtpress.naming import file_stem, realign_repo, staging_repo
 
 # llama-quantize's own type names (tools/quantize/quantize.cpp) that we publish, with the
 # nominal bits the -hf downloader reads from a name when pairing siblings.
 QUANT_TYPES: dict[str, int] = {
     "BF16": 16, "F16": 16, "Q8_0": 8, "Q6_K": 6, "Q5_K_M": 5, "Q5_K_S": 5, "Q5_0": 5, "Q4_K_M": 4, "Q4_K_S": 4,
-    "Q4_0": 4, "IQ4_XS": 4, "IQ4_NL": 4, "Q3_K_L": 3, "Q3_K_M": 3, "Q3_K_S": 3, "IQ3_M": 3, "IQ3_XXS": 3,
-    "Q2_K": 2, "IQ2_M": 2,
+    "Q4_0": 4, "IQ4_XS": 4, "IQ4_NL": 4, "Q3_K_L": 3, "Q3_K_M": 3, "Q3_K_S": 3, "IQ3_M": 3, "IQ3_S": 3,
+    "IQ3_XS": 3, "IQ3_XXS": 3, "Q2_K": 2, "Q2_K_S": 2, "IQ2_M": 2, "IQ2_S": 2, "IQ2_XS": 2, "IQ2_XXS": 2,
+    "IQ1_M": 1, "IQ1_S": 1,
 }
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 RELEASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -73,6 +75,9 @@ class Target(StrictModel):
     staging_repo: RepoId | None = None  # None: <repo>-staging
     # Where a head re-aligned on another machine (head.deployment) is exchanged: private, never published.
     realign_repo: RepoId | None = None  # None: <repo>-realign
+    # The Hub's per-file limit (50 GB, decimal: "storage limits" in its docs). A GGUF above it is published as
+    # llama-gguf-split parts (stages/split.py), which `-m part-1` and `-hf repo:QUANT` load whole.
+    max_file_size: Annotated[int, Field(gt=0)] = HUB_MAX_FILE_SIZE
 
     @model_validator(mode="after")
     def _staging_is_elsewhere(self) -> Target:
@@ -92,7 +97,8 @@ class Target(StrictModel):
     @property
     def staging(self) -> Target:
         """The private repo the release gate verifies; the same endpoint as the target."""
-        return Target(repo=self.staging_repo or staging_repo(self.repo), private=True, license=self.license)
+        return Target(repo=self.staging_repo or staging_repo(self.repo), private=True, license=self.license,
+                      max_file_size=self.max_file_size)
 
 
 class SmokeSpec(StrictModel):
@@ -112,9 +118,11 @@ class SmokeSpec(StrictModel):
 
 
 class GateSpec(StrictModel):
-    """The release gate: llama.cpp's -hf and snapshot_download against the staged commit, before promotion."""
+    """The release gate against the staged commit, before promotion: every sha256 from the Hub's metadata, and
+    llama.cpp's -hf for the recommended quant, the smallest and ``tags``."""
 
     enabled: bool = True
+    tags: tuple[str, ...] = ()  # more root quants to load with -hf (each downloads that quant once more)
     # The smoke tokens are a longer greedy run of the same prompt; the gate compares this many.
     n_predict: Annotated[int, Field(ge=1, le=1024)] = 16
 
@@ -141,9 +149,14 @@ class BenchSpec(StrictModel):
         return value
 
 
-# llama-quantize refuses these without an importance matrix: they produce IQ2_S / IQ3_XXS tensors
-# (tensor_requires_imatrix in src/llama-quant.cpp).
-IMATRIX_REQUIRED = frozenset({"IQ2_M", "IQ3_XXS"})
+# llama-quantize b11434 refuses these without an importance matrix ("Missing importance matrix for tensor …"):
+# tensor_requires_imatrix in src/llama-quant.cpp is true for IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S and IQ3_XXS
+# tensors, and for Q2_K ones in a Q2_K_S file; these file types give their tensors those types
+# (llama_ftype_get_default_type, and IQ3_XS's attn_q/attn_k/ffn_gate/ffn_up). IQ3_S and IQ3_M do not.
+# tests/test_imatrix.py checks the set against llama-quantize --dry-run.
+IMATRIX_REQUIRED = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"})
+NO_IMATRIX_HINT = ("the release flow computes no importance matrix yet (issue #21 item 1), and llama-quantize refuses "
+                   "these types without one")
 # llama-perplexity --kl-divergence prints no statistics at all below this many scored tokens
 # (tools/perplexity/perplexity.cpp, kl_divergence: "if (kld.count < 100) return;").
 MIN_SCORED_TOKENS = 100
@@ -244,9 +257,16 @@ class MlxSpec(StrictModel):
     timeout_s: Annotated[float, Field(gt=0)] = 1800.0
 
 
+class ClusterSpec(StrictModel):
+    """The release config's ``cluster:`` section: where the quant matrix runs (flows/runners.py)."""
+
+    # A Dask scheduler, e.g. tcp://10.0.0.5:8786 (MTPRESS_DASK_ADDRESS overrides it); None: this process's threads.
+    dask_address: str | None = None
+
+
 class ReleaseConfig(StrictModel):
     schema_version: Literal[1] = 1
-    name: str = Field(description="release name, used in file names: <name>-<QUANT>.gguf")
+    name: str = Field(description="release name; files are <name less any -MTP>-<QUANT>.gguf (naming.file_stem)")
     arch: str = "qwen35"
     finetune: Source
     donor: Source | None = None
@@ -254,6 +274,13 @@ class ReleaseConfig(StrictModel):
     layouts: tuple[Layout, ...] = ("sidecar", "embedded")  # the first one sits at the repo root
     quants: tuple[str, ...] = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M")
     head_type: str | None = Field(default=None, description="keep the MTP head's tensors at this type (e.g. Q8_0)")
+    # A sidecar head file carries its own copies of the token embedding and output matrix (llama.cpp's draft-mtp
+    # reads them from the head's model): most of its size. The smallest type measured with no loss of acceptance on
+    # the demo (b11434, smoke's figures; the table in tests/test_lean_head.py): the same drafts accepted with the
+    # copies at the trunk's type, Q8_0 and Q4_0 on BF16, Q8_0 and Q4_K_M trunks (29 of 35; over 256 tokens 158 of
+    # 192 and 160 of 189 on BF16 and Q4_K_M), and the Q4_K_M head file 99.6 → 83.2 MB. None: the quant's own choice.
+    head_shared_type: str | None = Field(default="Q4_0", description="type of the sidecar head's own token "
+                                         "embedding and output matrix (token_embd, output)")
     mmproj: bool = Field(default=True, description="export a multimodal checkpoint's vision tower once, as "
                          "mmproj-<name>-BF16.gguf (ignored for text-only checkpoints)")
     smoke: SmokeSpec = SmokeSpec()
@@ -262,12 +289,17 @@ class ReleaseConfig(StrictModel):
     head: HeadSpec = HeadSpec()  # copy the donor's head, re-align it on the fine-tune, or publish the better
     gate: GateSpec = GateSpec()
     mlx: MlxSpec | None = None  # the MTPLX pack for Apple Silicon, published to its own repo; absent: none
+    cluster: ClusterSpec = ClusterSpec()  # a Dask cluster for the quant matrix; absent: this machine
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
         if not RELEASE_NAME.fullmatch(value):
             raise ValueError("must be letters, digits, '.', '_' or '-' (it becomes part of file names)")
+        try:
+            file_stem(value)
+        except ConfigError as e:
+            raise ValueError(e.problems[0]) from None
         return value
 
     @field_validator("arch")
@@ -286,14 +318,31 @@ class ReleaseConfig(StrictModel):
                                  f"{', '.join(q for q in QUANT_TYPES if q != 'BF16')} (BF16 is always built)")
         if len(set(value)) != len(value):
             raise ValueError("lists a quant type twice")
+        if needs := [q for q in value if q in IMATRIX_REQUIRED]:
+            raise ValueError(f"{', '.join(needs)} need an importance matrix: {NO_IMATRIX_HINT}; use IQ3_M, IQ4_XS, "
+                             "Q2_K or the K-quants instead")
         return value
 
-    @field_validator("head_type")
+    @field_validator("head_type", "head_shared_type")
     @classmethod
     def _head_type(cls, value: str | None) -> str | None:
         if value is not None and value not in QUANT_TYPES:
             raise ValueError(f"unknown quant type {value!r}; expected one of {', '.join(QUANT_TYPES)}")
+        if value in IMATRIX_REQUIRED:
+            raise ValueError(f"{value} needs an importance matrix for the head's tensors: {NO_IMATRIX_HINT}")
         return value
+
+    @model_validator(mode="after")
+    def _arch_supports_what_is_asked(self) -> ReleaseConfig:
+        """Refused here, not after hours of work: the MTPLX pack and a re-aligned head exist only for
+        architectures whose registration says so."""
+        arch = get_arch(self.arch)
+        if self.mlx is not None and arch.mtplx_arch_id is None:
+            raise ValueError(f"mlx: MTPLX has no runtime for the {self.arch} architecture; remove `mlx:`")
+        if self.head.source != "copy" and not arch.head_trainable:
+            raise ValueError(f"head.source: {self.head.source} needs a trainable head; mtpress cannot re-align a "
+                             f"{self.arch} head yet; use `source: copy`")
+        return self
 
     @model_validator(mode="after")
     def _bench_quants_are_built(self) -> ReleaseConfig:

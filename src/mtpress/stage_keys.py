@@ -17,7 +17,7 @@ def convert_key(model_digest: str, layout: str, cfg: ReleaseConfig, tools: Llama
 
 
 def quantize_key(source: GgufFile, quant: str, cfg: ReleaseConfig, tools: LlamaCpp) -> str:
-    return cache_key(source.sha256, quant, cfg.head_type, cfg.name, tools.version)
+    return cache_key(source.sha256, quant, cfg.head_type, cfg.head_shared_type, cfg.name, tools.version)
 
 
 def reused_outputs(cache: StageCache, model_digest: str, cfg: ReleaseConfig, tools: LlamaCpp) -> set[tuple[str, str]]:

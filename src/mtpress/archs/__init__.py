@@ -42,4 +42,4 @@ def arch_for_config(config: dict, *, where: str) -> ArchSpec:
                                        hint=f"mtpress handles {', '.join(supported)}")
 
 
-from mtpress.archs import qwen35  # noqa: E402,F401  (registers itself)
+from mtpress.archs import qwen35, qwen35moe  # noqa: E402,F401  (each registers itself)

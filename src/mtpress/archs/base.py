@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 from mtpress.safetensors_io import TensorInfo
@@ -12,6 +13,10 @@ class ArchSpec(Protocol):
     family: str
     hf_architectures: tuple[str, ...]
     gguf_arch: str
+    # MTPLX's ``arch_id`` for this family's pack, None where MTPLX has no pack format for it.
+    mtplx_arch_id: str | None
+    # Whether mtpress.realign_trainer implements this family's head forward (re-alignment), or only copies it.
+    head_trainable: bool
 
     def text_config(self, config: dict) -> dict:
         """The text model's hyper-parameters (nested ``text_config`` lifted to the top)."""
@@ -21,8 +26,10 @@ class ArchSpec(Protocol):
 
     def is_head_tensor(self, name: str) -> bool: ...
 
-    def expected_head(self, config: dict) -> dict[str, tuple[int, ...]]:
-        """Every head tensor the config implies, with its shape."""
+    def expected_head(self, config: dict, names: Iterable[str] = ()) -> dict[str, tuple[int, ...]]:
+        """Every head tensor the config implies, with its shape. Where a family stores its head in more than
+        one layout (fused or per-expert MoE weights), ``names`` (a checkpoint's tensor names) picks the one
+        that checkpoint uses; without them, the family's default layout."""
 
     def compatibility_keys(self) -> tuple[str, ...]:
         """Text-config keys on which a head depends: donor and fine-tune must agree on each."""
@@ -42,4 +49,5 @@ class ArchSpec(Protocol):
         """The GGUF block index the first MTP layer becomes."""
 
     def describe(self, config: dict, tensors: dict[str, TensorInfo]) -> dict:
-        """Architecture facts for the card, computed from config and tensors."""
+        """Architecture facts for the card, computed from config and tensors (mixture-of-experts families add
+        ``experts``, ``experts_per_token``, ``parameters_active`` and ``parameters_head_active``)."""

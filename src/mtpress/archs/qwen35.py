@@ -14,6 +14,7 @@ top level in both.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mtpress.archs import register
@@ -31,6 +32,8 @@ class Qwen35:
     family: str = "Qwen3.5"
     hf_architectures: tuple[str, ...] = ("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration")
     gguf_arch: str = "qwen35"
+    mtplx_arch_id: str | None = "qwen3-next-mtp"
+    head_trainable: bool = True
 
     def text_config(self, config: dict) -> dict:
         return {**config, **config.get("text_config", {})}
@@ -41,9 +44,9 @@ class Qwen35:
     def is_head_tensor(self, name: str) -> bool:
         return name.startswith(HEAD_PREFIX) or name.startswith("model.mtp.")
 
-    def expected_head(self, config: dict) -> dict[str, tuple[int, ...]]:
+    def expected_head(self, config: dict, names: Iterable[str] = ()) -> dict[str, tuple[int, ...]]:
         c = self.text_config(config)
-        hidden, inter, head_dim = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+        hidden, head_dim = c["hidden_size"], c["head_dim"]
         q_rows = c["num_attention_heads"] * head_dim * (2 if c.get("attn_output_gate", True) else 1)
         kv_rows = c["num_key_value_heads"] * head_dim
         shapes = {
@@ -63,11 +66,15 @@ class Qwen35:
                 p + "self_attn.o_proj.weight": (hidden, c["num_attention_heads"] * head_dim),
                 p + "self_attn.q_norm.weight": (head_dim,),
                 p + "self_attn.k_norm.weight": (head_dim,),
-                p + "mlp.gate_proj.weight": (inter, hidden),
-                p + "mlp.up_proj.weight": (inter, hidden),
-                p + "mlp.down_proj.weight": (hidden, inter),
-            }
+            } | self.head_mlp(c, p + "mlp.", names)
         return shapes
+
+    def head_mlp(self, c: dict, prefix: str, names: Iterable[str]) -> dict[str, tuple[int, ...]]:
+        """The head block's MLP tensors (``names``: the checkpoint's tensor names, for families whose MLP is
+        stored in more than one layout); a dense SwiGLU here."""
+        hidden, inter = c["hidden_size"], c["intermediate_size"]
+        return {prefix + "gate_proj.weight": (inter, hidden), prefix + "up_proj.weight": (inter, hidden),
+                prefix + "down_proj.weight": (hidden, inter)}
 
     def compatibility_keys(self) -> tuple[str, ...]:
         # Not vocab_size: the head has no vocabulary-sized tensor (it reads the trunk's embedding and
@@ -113,7 +120,7 @@ class Qwen35:
             "full_attention_layers": sum(t == "full_attention" for t in layer_types),
             "layer_pattern": "".join("L" if t == "linear_attention" else "F" for t in layer_types),
             "hidden_size": c["hidden_size"],
-            "intermediate_size": c["intermediate_size"],
+            "intermediate_size": c.get("intermediate_size"),
             "attention_heads": c["num_attention_heads"],
             "kv_heads": c["num_key_value_heads"],
             "head_dim": c["head_dim"],

@@ -135,6 +135,10 @@ class DemoSpec:
     def memory_layer(self) -> int:
         return self.num_hidden_layers // 2
 
+    def block_mlp(self, prefix: str, *, with_memories: bool) -> list[TensorPlan]:
+        """A block's MLP, trunk or head: a dense SwiGLU (the mixture-of-experts demo, demo/moe.py, overrides it)."""
+        return mlp_plans(self, prefix, with_memories=with_memories)
+
     def finetune(self, extra_memories: int = DEFAULT_EXTRA_MEMORIES, noise: float = DEFAULT_FINETUNE_NOISE,
                  noise_seed: int = 1) -> DemoSpec:
         """This model fine-tuned: the same trunk plus ``extra_memories`` and relative ``noise``."""
@@ -220,7 +224,7 @@ def write_demo_model(dest: Path, spec: DemoSpec, *, with_mtp: bool, repo_id: str
     Files: ``config.json``, ``generation_config.json``, the tokenizer, ``README.md`` (model
     card; ``base_model`` goes into its front matter), ``model-0000i-of-0000n.safetensors``
     shards of at most ``max_shard_bytes`` (a bigger tensor gets a shard of its own) and
-    ``model.safetensors.index.json``. The 15 ``mtp.*`` tensors are included iff ``with_mtp``, as ``head``
+    ``model.safetensors.index.json``. The ``mtp.*`` tensors are included iff ``with_mtp``, as ``head``
     plans them (default: the trained head, ``head_plans``).
     """
     plans = trunk_plans(spec) + ((head or head_plans)(spec) if with_mtp else [])
@@ -288,14 +292,14 @@ def trunk_plans(spec: DemoSpec) -> list[TensorPlan]:
     for layer, kind in enumerate(spec.layer_types):
         prefix = f"model.layers.{layer}."
         mixer = linear_attention_plans if kind == "linear_attention" else full_attention_plans
-        plans += mixer(spec, prefix) + mlp_plans(spec, prefix, with_memories=layer == spec.memory_layer)
+        plans += mixer(spec, prefix) + spec.block_mlp(prefix, with_memories=layer == spec.memory_layer)
     plans.append(constant_plan("model.norm.weight", (h,), 0.0))
     plans.append(TensorPlan("lm_head.weight", (vocab, h), LM_HEAD_GAIN, lambda: lm_head_bits(spec)))
     return plans
 
 
 def head_plans(spec: DemoSpec) -> list[TensorPlan]:
-    """The 15 ``mtp.*`` tensors: fc, three norms and one full-attention block with its MLP."""
+    """The ``mtp.*`` tensors: fc, three norms and one full-attention block with its MLP (15 when dense)."""
     h = spec.hidden_size
 
     def fc() -> np.ndarray:
@@ -308,7 +312,7 @@ def head_plans(spec: DemoSpec) -> list[TensorPlan]:
         constant_plan("mtp.pre_fc_norm_hidden.weight", (h,), 0.0),
         constant_plan("mtp.norm.weight", (h,), 0.0),
         *full_attention_plans(spec, "mtp.layers.0."),
-        *mlp_plans(spec, "mtp.layers.0.", with_memories=False),
+        *spec.block_mlp("mtp.layers.0.", with_memories=False),
     ]
 
 
@@ -510,13 +514,14 @@ def model_card(spec: DemoSpec, *, repo_id: str, base_model: str | None, with_mtp
     front += ["tags:", "- qwen3_5", "- mtpress-demo", "---", ""]
     name = repo_id.rsplit("/", 1)[-1]
     if with_mtp:
-        head = ("It ships its multi-token-prediction head: the 15 `mtp.*` tensors "
+        head = (f"It ships its multi-token-prediction head: the {len(head_plans(spec))} `mtp.*` tensors "
                 "(`mtp_num_hidden_layers: 1`), usable for speculative decoding.")
     else:
         head = ("Its `config.json` still declares `mtp_num_hidden_layers: 1`, but the checkpoint has **no `mtp.*` "
                 "tensors**: the multi-token-prediction head was lost in fine-tuning. Convert it with `--no-mtp`, "
                 "or restore a head first.")
     lineage = f"A fine-tune of [{base_model}](https://huggingface.co/{base_model}). " if base_model else ""
+    config = spec.config()
     body = f"""# {name}
 
 {lineage}A **synthetic** Qwen3.5-architecture checkpoint made by mtpress for demos and tests, not a language
@@ -527,7 +532,7 @@ MTP head cannot predict, so speculative-decoding acceptance is real and measurab
 
 | | |
 |---|---|
-| Architecture | `Qwen3_5ForCausalLM` (`qwen3_5_text`), {spec.num_hidden_layers} layers \
+| Architecture | `{config["architectures"][0]}` (`{config["model_type"]}`), {spec.num_hidden_layers} layers \
 ({spec.layer_types.count("linear_attention")} Gated DeltaNet, {spec.layer_types.count("full_attention")} gated \
 full attention) |
 | Hidden size | {spec.hidden_size} |

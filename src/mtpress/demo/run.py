@@ -16,6 +16,8 @@ from pathlib import Path
 DEMO_CONFIG = Path("model_configs/demo.yaml")
 DEMO_VL_CONFIG = Path("model_configs/demo-vl.yaml")
 DEMO_REALIGN_CONFIG = Path("model_configs/demo-realign.yaml")  # `mtpress demo --realign`
+DEMO_MOE_CONFIG = Path("model_configs/demo-moe.yaml")  # `mtpress demo --moe`, then:
+DEMO_MOE_VL_CONFIG = Path("model_configs/demo-moe-vl.yaml")
 
 
 def run_demos(output: Path, *, hub_root: Path = Path("releases/hub")) -> list[Path]:
@@ -25,6 +27,17 @@ def run_demos(output: Path, *, hub_root: Path = Path("releases/hub")) -> list[Pa
     return [run_demo(output, hub_root=hub_root),
             run_demo(output.with_name(output.name + "-vl"), hub_root=hub_root, config=DEMO_VL_CONFIG,
                      spec=MultimodalSpec())]
+
+
+def run_moe_demos(output: Path, *, hub_root: Path = Path("releases/hub")) -> list[Path]:
+    """The mixture-of-experts demos: text-only (per-expert weights) into ``<output>-moe``, then multimodal
+    (fused expert weights) into ``<output>-moe-vl``."""
+    from mtpress.demo.moe import MoeDemoSpec, MoeMultimodalSpec
+
+    return [run_demo(output.with_name(output.name + "-moe"), hub_root=hub_root, config=DEMO_MOE_CONFIG,
+                     spec=MoeDemoSpec()),
+            run_demo(output.with_name(output.name + "-moe-vl"), hub_root=hub_root, config=DEMO_MOE_VL_CONFIG,
+                     spec=MoeMultimodalSpec(text=MoeDemoSpec(expert_layout="fused")))]
 
 
 def run_demo(output: Path, *, hub_root: Path = Path("releases/hub"), config: Path = DEMO_CONFIG,
@@ -40,9 +53,9 @@ def run_demo(output: Path, *, hub_root: Path = Path("releases/hub"), config: Pat
         os.environ["HF_ENDPOINT"] = hub.url
         os.environ["HF_TOKEN"] = token
         seed_upstream_repos(config, spec)
-        from flows.publish import publish
+        from flows.runners import publish_flow
 
-        release = Path(publish(str(config), str(output)))
+        release = Path(publish_flow(str(config))(str(config), str(output)))
         print(f"\nrelease folder: {release}\nlocal Hub: {hub.store.root} (browse with `mtpress hub serve`)")
     return release
 
@@ -72,16 +85,18 @@ def write_demo_pair(root: Path, *, base_repo: str, finetune_repo: str, spec=None
     """Generate (or reuse) the demo base and fine-tune; the cache key covers the spec and the generator's code.
 
     ``spec`` is a ``models.DemoSpec`` (the demo's own when None; scripts/benchmark.py passes a bigger one)
-    or a ``multimodal.MultimodalSpec`` (the ``Qwen3_5ForConditionalGeneration`` layout).
+    or a ``multimodal.MultimodalSpec`` (the ``Qwen3_5ForConditionalGeneration`` layout); ``moe.MoeDemoSpec`` /
+    ``moe.MoeMultimodalSpec`` for the mixture-of-experts family.
     """
     import hashlib
     import inspect
 
-    from mtpress.demo import models, multimodal, tokenizer
+    from mtpress.demo import models, moe, multimodal, tokenizer
 
     spec = spec or models.DemoSpec()
     vl = isinstance(spec, multimodal.MultimodalSpec)
-    sources = [models, tokenizer, *([multimodal] if vl else [])]
+    is_moe = isinstance(spec, (moe.MoeDemoSpec, moe.MoeMultimodalSpec))
+    sources = [models, tokenizer, *([multimodal] if vl else []), *([moe] if is_moe else [])]
     key = hashlib.sha256("\n".join([repr(spec), base_repo, finetune_repo, *map(inspect.getsource, sources)]
                                    ).encode()).hexdigest()[:16]
     base, finetune = root / key / "base", root / key / "finetune"

@@ -56,6 +56,7 @@ import yaml
 logger = logging.getLogger("mtpress.hub")
 
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024  # the Hub's rule: bigger files go through LFS whatever their content
+HUB_MAX_FILE_SIZE = 50 * 1000**3  # the Hub's per-file limit ("storage limits": 50 GB; 20 GB recommended)
 MAX_BUFFERED_BODY = 256 * 1024 * 1024  # JSON/NDJSON bodies are read whole; LFS objects are streamed
 MAX_DRAINED_BODY = 64 * 1024 * 1024  # unread body read and dropped before an early answer; beyond it, close
 CHUNK_SIZE = 1024 * 1024
@@ -1054,6 +1055,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
                 chunk = f.read(min(CHUNK_SIZE, left))
                 self.wfile.write(chunk)
                 left -= len(chunk)
+        self.hub.count_served(f"{repo_id}/{path}", end - start + 1)
 
     def _requested_range(self, size: int) -> tuple[int, int] | None:
         """The inclusive byte range asked for, None to send the whole file (no or unusable Range); 416 if
@@ -1166,6 +1168,12 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
                 error = {"code": 422, "message": "oid must be a sha256 hex digest and size a byte count."}
                 objects.append({"oid": oid, "size": size if isinstance(size, int) else -1, "error": error})
                 continue
+            if size > self.hub.max_file_size:
+                # As the Hub does: the batch refuses the object itself, so nothing of it is ever sent.
+                error = {"code": 422, "message": f"Your file is too large: {size} bytes, the maximum file size is "
+                                                 f"{self.hub.max_file_size} bytes. Split it into smaller files."}
+                objects.append({"oid": oid, "size": size, "error": error})
+                continue
             answer = {"oid": oid, "size": size, "authenticated": True}
             if self.hub.store.blob_size(oid) != size:  # already stored objects get no actions: nothing to send
                 signature = self._upload_signature(oid, size, expires)
@@ -1242,7 +1250,8 @@ class LocalHub:
     `whoami` answers, the default namespace of new repos and the author of commits; `orgs` the organisations
     `whoami` lists beside it (the namespaces the tests, the benchmark and the watch demo publish to: mtpress checks
     a target's namespace against them before a run). `faults=True` turns on fault injection (`faults`, and the
-    `/_mtpress/faults` route) for reliability tests.
+    `/_mtpress/faults` route) for reliability tests. `max_file_size` is the per-file limit (the Hub's 50 GB by
+    default): an LFS object above it is refused at the batch, as the Hub does.
 
         token = new_token()
         with LocalHub(tmp_path, tokens={token}) as hub:
@@ -1259,6 +1268,7 @@ class LocalHub:
         user: str = "mtpress-demo",
         orgs: tuple[str, ...] = ("mtpress-test", "mtpress-bench", "mtpress-bot"),
         faults: bool = False,
+        max_file_size: int = HUB_MAX_FILE_SIZE,
     ):
         tokens = set(tokens)
         if not tokens or not all(isinstance(t, str) and _TOKEN_RE.match(t) for t in tokens):
@@ -1271,8 +1281,10 @@ class LocalHub:
         self.user = user
         self.orgs = orgs
         self.faults = FaultPlan(enabled=faults)
+        self.max_file_size = max_file_size  # per file, in bytes: an LFS object above it is refused
         self.secret = secrets.token_bytes(32)  # signs LFS upload links; new on every start of the process
         self.bytes_received = 0  # request body bytes from every client since start: what benchmarks call uploaded
+        self.bytes_served: dict[str, int] = {}  # response body bytes of /resolve by "repo/path": what was downloaded
         self._received_lock = threading.Lock()
         self._httpd: _HubHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -1313,6 +1325,10 @@ class LocalHub:
     def count_received(self, size: int) -> None:
         with self._received_lock:
             self.bytes_received += size
+
+    def count_served(self, key: str, size: int) -> None:
+        with self._received_lock:
+            self.bytes_served[key] = self.bytes_served.get(key, 0) + size
 
     def __enter__(self) -> LocalHub:
         return self.start()

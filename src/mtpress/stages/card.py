@@ -224,11 +224,16 @@ def card_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
         "mlx": as_table(manifest.get("mlx")),
         "mlx_repo": (manifest.get("mlx") or {}).get("repo"),
         "config_yaml": yaml.safe_dump(_without_none(config), sort_keys=False, allow_unicode=True) if config else None,
-        "sha256sums": "\n".join(f"{f['sha256']}  {f['path']}" for f in files if f["sha256"]),
+        # What the repo holds, so that `sha256sum -c` checks a download: a split file's parts, not the whole.
+        "sha256sums": "\n".join(f"{p['sha256']}  {p['path']}" for f in files
+                                for p in f["parts"] or [f] if p["sha256"]),
         "vision_without_mmproj": arch["parameters_vision"] > 0 and not any("mmproj" in f["path"] for f in files),
         "mmproj": pair["mmproj"],
         "image_smoke": _image_smoke(manifest.get("smoke") or []),
         "acceptance": _head_acceptance(smoke_config, smoke),
+        "head_downloads": _head_downloads(files),
+        # Older manifests lack it: their heads kept the quant's own types for these matrices.
+        "head_shared_type": config.get("head_shared_type"),
     }
 
 
@@ -290,6 +295,9 @@ def _architecture_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
     return arch | {
         "parameters_head": head,
         "parameters_vision": vision,
+        # Mixture-of-experts facts, from architectures that have them (ArchSpec.describe); absent for dense ones.
+        "experts": arch.get("experts"),
+        "parameters_active": arch.get("parameters_active"),
         # The vision tower is never inside these GGUFs: llama.cpp puts it in an mmproj file.
         "parameters_model": total - vision,
         "parameters_trunk": total - head - vision,
@@ -365,8 +373,18 @@ def _file_rows(manifest: Mapping[str, Any], arch: Mapping[str, Any]) -> list[dic
             "bits_per_weight": size * 8 / parameters if size is not None and parameters else None,
             "head_tensor_types": sorted({str(t).upper() for t in f.get("head_tensor_types") or []}),
             "recommended": id(f) in picked,
+            # Over the Hub's per-file limit: the repo holds these llama-gguf-split parts, and -hf loads them whole.
+            "parts": f.get("parts") or [],
         })
     return rows
+
+
+def _head_downloads(files: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What MTP adds to each sidecar trunk's download: its head file, in bytes and as a share of the trunk."""
+    return [{"quant": trunk["quant"], "trunk": trunk["path"], "trunk_size": trunk["size"], "head": head["path"],
+             "head_size": head["size"],
+             "share": head["size"] / trunk["size"] if head["size"] is not None and trunk["size"] else None}
+            for trunk, head in pair_trunks_with_heads(files, _role_layout_quant) if head is not None]
 
 
 def _recommended_pair(files: list[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
@@ -417,15 +435,18 @@ def _usage(target: str, config_file: str, pair: dict[str, dict[str, Any] | None]
 
 def _hub_pairs(files: list[dict[str, Any]], gate: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     """What `-hf repo:TAG --spec-type draft-mtp` is meant to load for each root trunk, and whether the release
-    gate saw llama.cpp load exactly that (None: no gate ran)."""
+    gate saw llama.cpp load exactly that (None: the gate did not run -hf for that quant; it runs the recommended
+    one and the smallest, and checks the other files' sha256 only)."""
     loaded = {(r.get("trunk"), r.get("head")) for r in (gate or {}).get("runs") or [] if r.get("mtp")}
+    ran = {r.get("tag") for r in (gate or {}).get("runs") or []}
     pairs = []
     for model in files:
         if model["role"] != "model" or "/" in model["path"]:
             continue
         head = head_of(model, files)
         pairs.append({"tag": model["quant"], "trunk": model["path"], "head": head["path"] if head else None,
-                      "verified": (model["path"], head["path"] if head else None) in loaded if gate else None})
+                      "verified": (model["path"], head["path"] if head else None) in loaded
+                      if model["quant"] in ran else None})
     return pairs
 
 

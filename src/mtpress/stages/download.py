@@ -10,6 +10,8 @@ does not exist for this token) or HubRequestError (retried when transient).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,27 +59,13 @@ def probe(source: Source) -> RemoteProbe:
     return RemoteProbe(source.repo, info.sha, has_safetensors, head, files)
 
 
-def fetch(source: Source, cache_dir: Path) -> ModelDir:
-    """A ModelDir for ``source``; Hub repos are downloaded into ``cache_dir`` at their resolved commit."""
-    if source.path is not None:
-        if not source.path.is_dir():
-            raise ModelError(f"{source.path}: not a directory", hint="check `path:` in the release config")
-        return ModelDir(source.path, source.label)
-    from huggingface_hub import hf_hub_download, snapshot_download
-
+@contextmanager
+def hub_errors(source: Source) -> Iterator[None]:
+    """Hub failures while reading ``source`` as ModelError (no such repo or revision for this token: not retried)
+    or HubRequestError (retried when transient)."""
     api = hub_api()
     try:
-        remote = probe(source)  # refuses a pickle-only repo from its file listing
-        label = f"{source.repo}@{remote.revision[:12]}"
-        if "config.json" not in remote.files:
-            raise ModelError(f"{label}: no config.json in the repo", hint="point at a Hugging Face checkpoint repo")
-        # config.json alone first (snapshot_download then finds it in the cache): reading it refuses a checkpoint
-        # that asks for remote code (ModelDir.config), before a single weight byte moves.
-        config = hf_hub_download(source.repo, "config.json", revision=remote.revision, cache_dir=str(cache_dir),
-                                 endpoint=api.endpoint, token=api.token)
-        _ = ModelDir(Path(config).parent, label).config
-        path = snapshot_download(repo_id=source.repo, revision=remote.revision, allow_patterns=list(ALLOW_PATTERNS),
-                                 cache_dir=str(cache_dir), endpoint=api.endpoint, token=api.token)
+        yield
     except RepositoryNotFoundError as e:
         raise ModelError(f"{source.label}: no such model repo on {api.endpoint}, or the token cannot read it",
                          hint="check the repo id in the release config, and HF_TOKEN if the repo is private or "
@@ -89,4 +77,32 @@ def fetch(source: Source, cache_dir: Path) -> ModelDir:
         raise HubRequestError(f"reading {source.label} from {api.endpoint} failed: {str(e).splitlines()[0]}",
                               hint="server errors and dropped connections are retried; if it persists, check "
                                    "HF_ENDPOINT, the network and HF_TOKEN") from e
+
+
+def local_model(source: Source) -> ModelDir:
+    """The checkpoint a ``path:`` source names."""
+    if not source.path.is_dir():
+        raise ModelError(f"{source.path}: not a directory", hint="check `path:` in the release config")
+    return ModelDir(source.path, source.label)
+
+
+def fetch(source: Source, cache_dir: Path) -> ModelDir:
+    """A ModelDir for ``source``; Hub repos are downloaded into ``cache_dir`` at their resolved commit."""
+    if source.path is not None:
+        return local_model(source)
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    api = hub_api()
+    with hub_errors(source):
+        remote = probe(source)  # refuses a pickle-only repo from its file listing
+        label = f"{source.repo}@{remote.revision[:12]}"
+        if "config.json" not in remote.files:
+            raise ModelError(f"{label}: no config.json in the repo", hint="point at a Hugging Face checkpoint repo")
+        # config.json alone first (snapshot_download then finds it in the cache): reading it refuses a checkpoint
+        # that asks for remote code (ModelDir.config), before a single weight byte moves.
+        config = hf_hub_download(source.repo, "config.json", revision=remote.revision, cache_dir=str(cache_dir),
+                                 endpoint=api.endpoint, token=api.token)
+        _ = ModelDir(Path(config).parent, label).config
+        path = snapshot_download(repo_id=source.repo, revision=remote.revision, allow_patterns=list(ALLOW_PATTERNS),
+                                 cache_dir=str(cache_dir), endpoint=api.endpoint, token=api.token)
     return ModelDir(Path(path), label, remote.revision)

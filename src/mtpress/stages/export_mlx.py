@@ -40,9 +40,8 @@ from mtpress.toolchain.mlx import MTPLX_VERSION, MlxTools
 
 HEAD_FILE = "mtp.safetensors"
 CONTRACT_FILE = "mtplx_runtime.json"
-# Per architecture: MTPLX's arch_id, and the model_type mlx-lm has a module for (text-only Qwen3.5
-# checkpoints say qwen3_5_text; mlx-lm only knows qwen3_5, which reads both layouts).
-MTPLX_ARCH_IDS = {"qwen35": "qwen3-next-mtp"}
+# The model_type mlx-lm has a module for (text-only Qwen3.5 checkpoints say qwen3_5_text; mlx-lm only knows
+# qwen3_5, which reads both layouts). MTPLX's arch_id is the architecture's (ArchSpec.mtplx_arch_id).
 MLX_MODEL_TYPES = {"qwen3_5_text": "qwen3_5"}
 # The head's RMSNorm gains (Qwen3.5 stores them zero-centred): stored +1.0 for MTPLX.
 NORM_GAIN_SUFFIXES = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_norm.weight",
@@ -90,9 +89,10 @@ class MlxPack:
 
 def export_mlx(model: ModelDir, arch: ArchSpec, spec: MlxSpec, *, tools: MlxTools, out_dir: Path) -> MlxPack:
     """Write the MTPLX pack of ``model`` to ``out_dir`` (replaced as a whole, atomically)."""
-    if arch.name not in MTPLX_ARCH_IDS:
-        raise UnsupportedArchitectureError(f"{model.label}: no MTPLX pack format is known for {arch.family}",
-                                           hint="turn `mlx:` off in the release config")
+    if arch.mtplx_arch_id is None:
+        raise UnsupportedArchitectureError(
+            f"{model.label}: no MTPLX pack format is known for {arch.family} (architecture {arch.name})",
+            hint="turn `mlx:` off in the release config")
     head = head_tensor_names(model, arch)
     source_type = str(arch.text_config(model.config).get("model_type") or model.config.get("model_type"))
     # What a killed run left beside the pack (its staging folder, its scratch view) goes first; both are
@@ -111,7 +111,7 @@ def export_mlx(model: ModelDir, arch: ArchSpec, spec: MlxSpec, *, tools: MlxTool
         config["mlx_lm_extra_tensors"] = {"mtp_file": HEAD_FILE}
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (staging / CONTRACT_FILE).write_text(json.dumps(runtime_contract(
-            MTPLX_ARCH_IDS[arch.name], spec.mtp_depth_max, head_format=spec.head_dtype), indent=2) + "\n",
+            arch.mtplx_arch_id, spec.mtp_depth_max, head_format=spec.head_dtype), indent=2) + "\n",
             encoding="utf-8")
         mlx_type = str(config.get("model_type"))
     files = tuple(PackFile(p, p.relative_to(out_dir).as_posix(), p.stat().st_size, sha256_file(p))
@@ -121,7 +121,7 @@ def export_mlx(model: ModelDir, arch: ArchSpec, spec: MlxSpec, *, tools: MlxTool
                    head_tensors=len(head), head_parameters=head_params, head_bytes=head_bytes,
                    body_bytes=sum(f.size for f in files if f.name.startswith("model") and f.name.endswith(
                        ".safetensors")),
-                   norm_offset=NORM_OFFSET, arch_id=MTPLX_ARCH_IDS[arch.name], mtp_depth_max=spec.mtp_depth_max,
+                   norm_offset=NORM_OFFSET, arch_id=arch.mtplx_arch_id, mtp_depth_max=spec.mtp_depth_max,
                    verification=UNVERIFIED, source_model_type=source_type, mlx_model_type=mlx_type)
 
 

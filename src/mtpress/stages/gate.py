@@ -1,11 +1,14 @@
 """The release gate: prove a repo at one commit works as the real Hub clients see it.
 
-For every trunk quant at the repo root, llama.cpp's own downloader (``llama-server -hf repo:TAG``)
-runs once without and once with ``--spec-type draft-mtp``: the files it picked (read from the paths
-it loaded, inside its private cache) must be the intended trunk, head and mmproj, at the intended
-commit; the greedy tokens must equal the smoke test's; drafts must have been proposed, and accepted at
-least as often as ``smoke.min_acceptance`` asks (the smoke test's floor, on the gate's shorter run). Then
-``huggingface_hub.snapshot_download`` of the commit must reproduce every sha256 the manifest lists.
+Every file's sha256 the manifest lists must be the Hub's own record of that path at the commit (the LFS
+sha256 of ``list_repo_tree(expand=True)``, which the Hub computed from the bytes it stores): nothing of the
+release is downloaded for it. llama.cpp's own downloader (``llama-server -hf repo:TAG``) then runs, once
+without and once with ``--spec-type draft-mtp``, for the quants a user is pointed at (``choose_pairings``: the
+card's recommended one and the smallest, plus ``gate.tags``), not every quant: a 9B matrix would be
+downloaded again whole. The files it picked (read from the paths it loaded, inside its private cache) must
+be the intended trunk (every part of a split one), head and mmproj, at the intended commit; the greedy tokens
+must equal the smoke test's; drafts must have been proposed, and accepted at least as often as
+``smoke.min_acceptance`` asks (the smoke test's floor, on the gate's shorter run).
 
 llama.cpp b11434's ``-hf`` takes no revision: it resolves the ``main`` branch through
 ``/api/models/{repo}/refs`` (common/hf-cache.cpp). The gate therefore requires main to point at the
@@ -25,21 +28,19 @@ import huggingface_hub
 import requests
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.hf_api import RepoFile
 
 from mtpress.errors import GateError, ToolFailedError
-from mtpress.fsutil import sha256_file
 from mtpress.manifest import MANIFEST, Manifest
-from mtpress.naming import HEAD_PREFIX, head_name, is_head, pair_trunks_with_heads
+from mtpress.naming import NOT_A_MODEL, SPLIT_PART, check_indexer_names, head_name, is_head, pair_trunks_with_heads
 from mtpress.schema import GateSpec, SmokeSpec
+from mtpress.stages.card import DEFAULT_QUANT_PREFERENCE
 from mtpress.stages.smoke import Generation, greedy_request, parse_generation, require_acceptance
 from mtpress.toolchain import LlamaCpp
 from mtpress.toolchain.server import llama_server
 
 LLAMA_CPP_CLIENT = "llama.cpp -hf"
-SNAPSHOT_CLIENT = "huggingface_hub snapshot_download"
-# llama.cpp's rules (common/download.cpp): names with these words are siblings, never the model.
-NOT_A_MODEL = ("mmproj", "imatrix", HEAD_PREFIX, "eagle3-", "dflash-", "dspark-")
-SPLIT = re.compile(r"-\d{5}-of-\d{5}$", re.IGNORECASE)
+HASH_CLIENT = "Hub metadata (LFS sha256)"
 TAG = re.compile(r"[-.]([A-Z0-9_]+)$", re.IGNORECASE)
 INVALID_TOKEN = "invalid token, authentication disabled"  # common/hf-cache.cpp, then it reads anonymously
 CAUSE = re.compile(r"invalid token|error|failed|not found|HTTP [45]\d\d|status[ :]+[45]\d\d", re.IGNORECASE)
@@ -80,6 +81,8 @@ class ClientRun:
 
 @dataclass(frozen=True)
 class SnapshotCheck:
+    """The sha256 check of every listed file against the Hub's metadata at the commit (no download)."""
+
     client: str
     version: str
     commit: str
@@ -95,7 +98,7 @@ class GateResult:
     sha256: dict[str, str]  # the files whose content was verified, by repo path
 
     def table(self) -> list[dict]:
-        """One row per client run plus the snapshot check: what the manifest, card and UI show."""
+        """One row per client run plus the sha256 check: what the manifest, card and UI show."""
         rows = [{"client": r.client, "version": r.version, "request": r.request, "trunk": r.trunk,
                  "head": r.head or "", "mmproj": r.mmproj or "",
                  "matches": f"{r.tokens_compared}/{r.tokens_compared} tokens" if r.tokens_match else "no",
@@ -113,7 +116,8 @@ def pairings_from_manifest(manifest: Manifest) -> list[Pairing]:
     root = [f for f in manifest.files if "/" not in f.path]
     mmproj = next((f.path for f in root if f.role == "mmproj"), None)
     smoke = {(s.layout, s.model): s.tokens for s in manifest.smoke}
-    return [Pairing(tag=trunk.quant, trunk=trunk.path, head=head.path if head else None, mmproj=mmproj,
+    # A split trunk is requested by its first part, as -hf picks it (the rest come with it).
+    return [Pairing(tag=trunk.quant, trunk=trunk.published[0][0], head=head.path if head else None, mmproj=mmproj,
                     tokens=smoke.get((trunk.layout, trunk.name)) or None)
             for trunk, head in pair_trunks_with_heads(root)]
 
@@ -126,16 +130,35 @@ def pairings_from_names(paths: Sequence[str]) -> list[Pairing]:
     has_heads = any(is_head(p) for p in root)
     for path in root:
         stem = path.removesuffix(".gguf")
-        split = SPLIT.search(stem)
-        if any(word in path for word in NOT_A_MODEL) or (split and not split.group(0).startswith("-00001-")):
+        split = SPLIT_PART.search(stem)
+        if any(word in path for word in NOT_A_MODEL) or (split and int(split[1]) != 1):
             continue  # a sibling, or a later part of a split model (-hf fetches those with the first)
-        base = SPLIT.sub("", stem)
+        base = SPLIT_PART.sub("", stem)
         if (tag := TAG.search(base)) is None:
             continue
         pairings.append(Pairing(tag=tag.group(1).upper(), trunk=path,
                                 head=head_name(f"{base}.gguf") if has_heads else None,
                                 mmproj=next((p for p in root if "mmproj" in p), None), tokens=None))
     return pairings
+
+
+def choose_pairings(pairings: Sequence[Pairing], sizes: Mapping[str, int], tags: Sequence[str] = ()) -> list[Pairing]:
+    """The quants the gate runs `-hf` for: the one the card recommends (its rule: the first of
+    DEFAULT_QUANT_PREFERENCE present), the smallest trunk (by ``sizes``, the Hub's, all parts of a split one
+    counted) and ``tags``. Every file's bytes are checked without a download (``check_hub_sha256``)."""
+    by_tag = {p.tag: p for p in pairings}
+    chosen = [by_tag[q] for q in DEFAULT_QUANT_PREFERENCE if q in by_tag][:1]
+
+    def trunk_size(pairing: Pairing) -> int:
+        prefix = SPLIT_PART.sub("", pairing.trunk.removesuffix(".gguf"))
+        return sum(size for p, size in sizes.items() if SPLIT_PART.sub("", p.removesuffix(".gguf")) == prefix)
+
+    chosen += [min(pairings, key=trunk_size)] if pairings else []
+    chosen += [by_tag[t.upper()] for t in tags if t.upper() in by_tag]
+    if missing := {t.upper() for t in tags} - by_tag.keys():
+        raise GateError(f"gate.tags names {', '.join(sorted(missing))}, which no root trunk carries",
+                        hint=f"the root trunks carry {', '.join(by_tag) or 'no tag'}")
+    return list(dict.fromkeys(chosen))
 
 
 def check_branch_head(api: HfApi, repo: str, commit: str) -> None:
@@ -149,12 +172,16 @@ def check_branch_head(api: HfApi, repo: str, commit: str) -> None:
 
 def gate(api: HfApi, repo: str, commit: str, pairings: Sequence[Pairing], sha256: Mapping[str, str],
          tools: LlamaCpp, smoke: SmokeSpec, spec: GateSpec, work_dir: Path) -> GateResult:
-    """Run both clients against ``repo`` at ``commit``; raise GateError naming the file and the client, or
+    """Check every sha256 against the Hub's metadata, then run llama.cpp's `-hf` for each of ``pairings`` (see
+    ``choose_pairings``) against ``repo`` at ``commit``; raise GateError naming the file and the client, or
     DeadHeadError when llama.cpp accepts fewer drafts than ``smoke.min_acceptance``."""
     if not pairings:
         raise GateError(f"{repo}@{commit[:12]}: no model GGUF at the repo root, so `-hf {repo}:TAG` finds nothing",
                         hint="the first layout of a release sits at the root; check the repo's files")
+    check_indexer_names(sha256)  # the Hub's model page reads the names, whatever the clients below load
     check_branch_head(api, repo, commit)
+    # First: a file whose bytes differ from what was tested fails before anything is downloaded.
+    hashes = check_hub_sha256(api, repo, commit, sha256)
     work_dir.mkdir(parents=True, exist_ok=True)
     runs = []
     # One cache for every run: each file is downloaded once, and a run's picks are read from the paths
@@ -169,8 +196,7 @@ def gate(api: HfApi, repo: str, commit: str, pairings: Sequence[Pairing], sha256
             runs.append(_check(repo, commit, pairing, with_mtp, tools.version, want, smoke,
                                reference=plain[0].tokens))
     check_branch_head(api, repo, commit)  # main did not move while the clients read it
-    snapshot = check_snapshot(api, repo, commit, sha256, work_dir)
-    return GateResult(repo, commit, tuple(runs), snapshot, dict(sha256))
+    return GateResult(repo, commit, tuple(runs), hashes, dict(sha256))
 
 
 def _run(tools: LlamaCpp, api: HfApi, repo: str, pairing: Pairing, smoke: SmokeSpec, spec: GateSpec, cache: Path,
@@ -260,21 +286,29 @@ def _check(repo: str, commit: str, pairing: Pairing, run: tuple[Generation, list
                      accepted=generation.accepted)
 
 
-def check_snapshot(api: HfApi, repo: str, commit: str, sha256: Mapping[str, str], work_dir: Path) -> SnapshotCheck:
-    """snapshot_download of ``commit`` into an empty cache must reproduce every listed sha256."""
-    with tempfile.TemporaryDirectory(prefix="gate-snapshot-", suffix=".partial", dir=work_dir) as cache:
-        folder = Path(huggingface_hub.snapshot_download(repo, revision=commit, cache_dir=cache, endpoint=api.endpoint,
-                                                        token=api.token))
-        for path, expected in sorted(sha256.items()):
-            local = folder / path
-            if not local.is_file():
-                raise GateError(f"{path}: {SNAPSHOT_CLIENT} of {repo}@{commit[:12]} has no such file")
-            got = sha256_file(local.resolve())
-            if got != expected:
-                raise GateError(f"{path}: {SNAPSHOT_CLIENT} of {repo}@{commit[:12]} has sha256 {got}, "
-                                f"the manifest says {expected}",
-                                hint="the repo does not hold the files that were tested; do not promote it")
-    return SnapshotCheck(SNAPSHOT_CLIENT, huggingface_hub.__version__, commit, len(sha256))
+def hub_files(api: HfApi, repo: str, commit: str) -> dict[str, RepoFile]:
+    """Every file of ``repo`` at ``commit`` with the Hub's own size and LFS sha256: one listing, no download."""
+    return {f.path: f for f in api.list_repo_tree(repo, revision=commit, recursive=True, expand=True)
+            if isinstance(f, RepoFile)}
+
+
+def check_hub_sha256(api: HfApi, repo: str, commit: str, sha256: Mapping[str, str]) -> SnapshotCheck:
+    """Every listed sha256 must be the Hub's record of that path at ``commit``. The Hub computes an LFS
+    object's sha256 from the bytes it received (and names the object by it), so this proves the commit holds
+    the tested bytes without downloading them; the `-hf` runs then read the chosen quants' bytes for real."""
+    files = hub_files(api, repo, commit)
+    for path, expected in sorted(sha256.items()):
+        if (remote := files.get(path)) is None:
+            raise GateError(f"{path}: {repo}@{commit[:12]} has no such file ({HASH_CLIENT})",
+                            hint="the repo does not hold the files that were tested; do not promote it")
+        if remote.lfs is None:
+            raise GateError(f"{path}: {repo}@{commit[:12]} stores it as a regular git file, whose id is no sha256",
+                            hint="GGUFs are LFS files on the Hub; check the repo's .gitattributes")
+        if remote.lfs.sha256 != expected:
+            raise GateError(f"{path}: {repo}@{commit[:12]} holds sha256 {remote.lfs.sha256} ({HASH_CLIENT}), "
+                            f"the manifest says {expected}",
+                            hint="the repo does not hold the files that were tested; do not promote it")
+    return SnapshotCheck(HASH_CLIENT, huggingface_hub.__version__, commit, len(sha256))
 
 
 def verify_repo(api: HfApi, repo: str, tools: LlamaCpp, work_dir: Path, *, revision: str | None = None,
@@ -284,10 +318,11 @@ def verify_repo(api: HfApi, repo: str, tools: LlamaCpp, work_dir: Path, *, revis
     try:
         commit = api.model_info(repo, revision=revision).sha
     except HfHubHTTPError as e:
-        raise GateError(f"{repo}{'@' + revision if revision else ''}: {SNAPSHOT_CLIENT.split()[0]} cannot read it from "
+        raise GateError(f"{repo}{'@' + revision if revision else ''}: huggingface_hub cannot read it from "
                         f"{api.endpoint}: {str(e).splitlines()[0]}",
                         hint="check the repo id and revision; a private repo needs HF_TOKEN") from e
-    paths = api.list_repo_files(repo, revision=commit)
+    files = hub_files(api, repo, commit)
+    paths = list(files)
     if MANIFEST in paths:
         work_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="gate-manifest-", dir=work_dir) as cache:
@@ -300,11 +335,11 @@ def verify_repo(api: HfApi, repo: str, tools: LlamaCpp, work_dir: Path, *, revis
         spec = GateSpec(**{k: v for k, v in (config.get("gate") or {}).items() if k in GateSpec.model_fields})
     else:
         pairings = pairings_from_names(paths)
-        info = api.model_info(repo, revision=commit, files_metadata=True)
-        # Without a manifest, the Hub's own record of each file is what a download must reproduce.
-        sha256 = {s.rfilename: s.lfs.sha256 for s in info.siblings or [] if s.lfs and s.rfilename.endswith(".gguf")}
+        sha256 = {}  # no record of what was tested: only the -hf runs (with vs. without draft-mtp) check the files
         smoke, spec = SmokeSpec(), GateSpec()
-    if tags:
+    if not tags:
+        pairings = choose_pairings(pairings, {p: f.size for p, f in files.items()}, spec.tags)
+    else:
         wanted = {t.upper() for t in tags}
         pairings = [p for p in pairings if p.tag in wanted]
         if missing := wanted - {p.tag for p in pairings}:

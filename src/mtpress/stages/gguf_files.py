@@ -17,8 +17,19 @@ Role = Literal["model", "head", "mmproj"]  # mmproj: the vision encoder llama.cp
 
 
 @dataclass(frozen=True)
+class SplitPart:
+    """One ``llama-gguf-split`` part of a file over the Hub's per-file limit, written where the whole file was."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class GgufFile:
-    """A produced GGUF. ``name`` is its path inside the release (and the published repo)."""
+    """A produced GGUF. ``name`` is its path inside the release (and the published repo). A file over the Hub's
+    per-file limit is built, tested and measured whole, then published as ``parts`` (stages/split.py): its
+    ``path`` is then gone, and ``size``/``sha256`` stay the whole file's, which the tests measured."""
 
     path: Path
     name: str
@@ -32,6 +43,12 @@ class GgufFile:
     tensor_count: int
     parameters: int
     head_tensor_types: tuple[str, ...]
+    parts: tuple[SplitPart, ...] = ()
+
+    @property
+    def published(self) -> list[Path]:
+        """The local files the release publishes for it: its parts, or the file itself."""
+        return [self.path.with_name(p.name) for p in self.parts] or [self.path]
 
 
 @dataclass(frozen=True)

@@ -63,10 +63,9 @@ class InjectResult:
 
 def inject(finetune: ModelDir, donor: ModelDir | None, arch: ArchSpec, out: Path) -> InjectResult:
     """Give ``finetune`` the donor's head; pass it through untouched if it already has one."""
-    expected = arch.expected_head(finetune.config)
     own = sorted(n for n in finetune.tensors if arch.is_head_tensor(n))
-    if own:
-        _check_head(finetune, expected, owner=finetune.label)
+    if own:  # each checkpoint's tensor names pick its head layout (a MoE head: fused or per-expert experts)
+        _check_head(finetune, arch.expected_head(finetune.config, finetune.tensors), owner=finetune.label)
         return InjectResult(finetune, "passthrough", f"{finetune.label} already carries its own MTP head "
                             f"({len(own)} tensors); published as is", None, 0)
     if donor is None:
@@ -77,6 +76,7 @@ def inject(finetune: ModelDir, donor: ModelDir | None, arch: ArchSpec, out: Path
         raise MissingMtpHeadError(f"donor {donor.label} has no mtp.* tensors to give",
                                   hint="use the original base model (e.g. Qwen/Qwen3.5-9B) as donor, not a fine-tune")
     vocabulary = check_vocabulary(finetune, donor, arch, donor_head)
+    expected = arch.expected_head(finetune.config, donor.tensors)
     _check_head(donor, expected, owner=f"donor {donor.label}")
 
     target_dtype = _trunk_dtype(finetune)

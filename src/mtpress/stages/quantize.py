@@ -16,8 +16,11 @@ QUANTIZE_TIMEOUT_S = 3 * 3600
 
 
 def quantize(src: GgufFile, quant: str, arch: ArchSpec, config: dict, *, name: str, tools: LlamaCpp,
-             head_type: str | None = None) -> GgufFile:
+             head_type: str | None = None, shared_type: str | None = None) -> GgufFile:
     """Write ``<name>-<quant>.gguf`` (or its ``mtp-`` head) beside ``src``.
+
+    ``shared_type``: a sidecar head file's own token embedding and output matrix at this type (the config's
+    ``head_shared_type``); the trunk's copies are the trunk's business.
 
     A head file keeps the trunk's tag in its name whatever precision its tensors got, so llama.cpp's
     ``-hf`` pairs each trunk with the head meant for it.
@@ -27,6 +30,8 @@ def quantize(src: GgufFile, quant: str, arch: ArchSpec, config: dict, *, name: s
     argv = [str(tools.tool("llama-quantize"))]
     if head_type and src.nextn_layers:
         argv += ["--tensor-type", rf"blk\.{arch.head_gguf_block(config)}\.={head_type.lower()}"]
+    if shared_type and src.role == "head":
+        argv += ["--token-embedding-type", shared_type.lower(), "--output-tensor-type", shared_type.lower()]
     argv += [str(src.path), str(partial), quant, str(os.cpu_count() or 2)]
     try:
         run_tool(argv, timeout=QUANTIZE_TIMEOUT_S)

@@ -30,7 +30,7 @@ import requests
 
 from mtpress.archs.base import ArchSpec
 from mtpress.checkpoint import INDEX, ModelDir
-from mtpress.errors import ModelError, ToolchainError, TrunkMismatchError
+from mtpress.errors import ModelError, ToolchainError, TrunkMismatchError, UnsupportedArchitectureError
 from mtpress.fsutil import atomic_path, link_or_copy, sha256_file, write_text_atomic
 from mtpress.manifest import hardware
 from mtpress.safetensors_io import read_header
@@ -195,9 +195,11 @@ def realign(model: ModelDir, data: HiddenStates, arch: ArchSpec, spec: HeadSpec,
     """Train ``model``'s head on ``data`` and write ``out``: ``model``'s trunk shards hard-linked, the new head
     as ``model-mtp.safetensors``, an index covering both. Raises TrunkMismatchError if ``data`` came from
     another trunk."""
-    if arch.name != "qwen35":
-        raise ModelError(f"realign implements the Qwen3.5 draft-mtp head; {model.label} is {arch.name}",
-                         hint="use `head: {source: copy}` for this architecture")
+    if not arch.head_trainable:
+        raise UnsupportedArchitectureError(
+            f"realign implements the dense Qwen3.5 draft-mtp head; {model.label} is {arch.family} "
+            f"(architecture {arch.name}), whose head it cannot train",
+            hint="use `head: {source: copy}` for this architecture")
     digest = trunk_digest(model, arch)
     if digest != data.trunk_digest:
         raise TrunkMismatchError(

@@ -26,7 +26,11 @@ class RunningServer:
     pid: int
 
     def completion(self, payload: dict, *, timeout: float) -> dict:
-        response = requests.post(f"{self.url}/completion", json=payload, timeout=timeout)
+        return self.post("/completion", payload, timeout=timeout)
+
+    def post(self, path: str, payload: dict, *, timeout: float) -> dict:
+        """POST ``payload`` to one of the server's endpoints (``/v1/chat/completions``, ``/apply-template``…)."""
+        response = requests.post(f"{self.url}{path}", json=payload, timeout=timeout)
         response.raise_for_status()
         return response.json()
 
