@@ -128,7 +128,7 @@ def vl_release(tmp_path_factory, toolchain, vl_pair, prefect_harness):
 def test_multimodal_release_has_trunks_heads_and_one_mmproj(vl_release):
     manifest, release_dir = vl_release["manifest"], vl_release["dir"]
     files = {f["path"]: f for f in manifest["files"]}
-    name = "Tiny-Qwen3.5-VL-Demo-FT-MTP"
+    name = "Tiny-Qwen3.5-VL-Demo-FT"  # the release is …-FT-MTP; file names never carry MTP (naming.file_stem)
     assert [p for p, f in files.items() if f["role"] == "mmproj"] == [f"mmproj-{name}-BF16.gguf"]
     for quant in ("BF16", "Q4_K_M"):
         assert files[f"{name}-{quant}.gguf"]["role"] == "model" and files[f"{name}-{quant}.gguf"]["nextn_layers"] == 0

@@ -8,6 +8,7 @@ from gguf import GGUFReader
 
 from mtpress.demo.run import seed_upstream_repos
 from mtpress.hub.client import hub_api
+from mtpress.naming import file_stem
 from mtpress.stages.bench import per_position_acceptance
 from mtpress.stages.gguf_files import read_facts
 
@@ -171,8 +172,8 @@ def test_llama_cpp_hf_downloader_fetches_the_published_pair_and_drafts(release, 
         body = server.completion(greedy_request(manifest["config"]["smoke"]["prompt"], smoke["n_predict"]),
                                  timeout=300)
     fetched = sorted(p.name for p in (tmp_path / "llama-cache").rglob("*.gguf"))
-    name = manifest["release"]
-    assert fetched == [f"{name}-Q4_K_M.gguf", f"mtp-{name}-Q4_K_M.gguf"]
+    stem = file_stem(manifest["release"])
+    assert fetched == [f"{stem}-Q4_K_M.gguf", f"mtp-{stem}-Q4_K_M.gguf"]
     assert body["tokens"] == smoke["tokens"]
     assert body["timings"]["draft_n"] > 0
 
