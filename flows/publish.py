@@ -1,5 +1,5 @@
-"""The publish flow: fetch → inject → head → convert → quantize → smoke → bench → quality → split → manifest →
-card → gate → publish.
+"""The publish flow: fetch → inject → head → convert → imatrix → quantize → smoke → bench → quality → split →
+manifest → card → gate → publish.
 
 Stages are plain functions (``mtpress.stages``), wrapped as named tasks in ``flows/tasks.py``; this file only
 composes them. Concurrency is Prefect's own. Every finished file is smoke-tested, and sent to the staging
@@ -29,6 +29,7 @@ from flows.tasks import (
     export_mmproj,
     fetch_checkpoint,
     inject_task,
+    make_imatrix,
     measure_quality,
     preupload_variant,
     quantize_layout,
@@ -72,9 +73,13 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
     for layout in build.layouts:
         variants[layout, "BF16"] = converts.submit(convert_layout, build, layout)
         smoked[layout, "BF16"] = smokes.submit(smoke_variant, build, layout, "BF16", variants[layout, "BF16"], mmproj)
-        for quant in cfg.quants:  # after the head proved itself on BF16: a dead head fails before the matrix
+    # Everything below waits for the head to prove itself on BF16: a dead head fails before the matrix.
+    matrix = (build.step(make_imatrix, build, variants[build.layouts[0], "BF16"], wait_for=smokes.futures[:1])
+              if cfg.imatrix_quants else None)  # one importance matrix, from the first layout, serves both
+    for layout in build.layouts:
+        for quant in cfg.quants:
             variants[layout, quant] = build.step(quantize_layout, build, layout, quant, variants[layout, "BF16"],
-                                                 wait_for=smokes.futures[:1])
+                                                 matrix, wait_for=smokes.futures[:1])
     for (layout, quant), files in variants.items():
         if quant != "BF16":
             smoked[layout, quant] = smokes.submit(smoke_variant, build, layout, quant, files, mmproj)
@@ -84,6 +89,7 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
         uploads.submit(preupload_variant, build, "", "mmproj", [mmproj])
     smoke_results = settle([smoked[variant] for variant in variants])
     files = [f for built in settle(list(variants.values())) for f in built] + settle([mmproj] if mmproj else [])
+    [imatrix] = settle([matrix])
     settle(uploads.futures)
 
     root = [f for f in files if f.layout == cfg.layouts[0]]  # one layout is enough: both hold the same weights
@@ -102,7 +108,7 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
     # The Apple Silicon pack: same checkpoint, after smoke (its checks compare with the BF16 tokens).
     mlx_release = build_mlx_pack(cfg, build.model, release.arch, release.release_dir, build.model_digest,
                                  smoke_results, release.cache, inputs) if cfg.mlx else None
-    write_release_manifest(build, inputs, files, smoke_results, bench_results, quality_result, head_choice,
+    write_release_manifest(build, inputs, files, imatrix, smoke_results, bench_results, quality_result, head_choice,
                            mlx_release)
     write_cards(release.release_dir, release.key("card"))
     if push:

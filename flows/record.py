@@ -22,13 +22,14 @@ from mtpress.schema import ReleaseConfig, Source
 from mtpress.stages.bench import BenchResult
 from mtpress.stages.card import render_card, write_card
 from mtpress.stages.gguf_files import GgufFile
+from mtpress.stages.imatrix import ImatrixFile
 from mtpress.stages.inject import InjectResult
 from mtpress.stages.quality import QualityResult
 from mtpress.stages.smoke import SmokeResult
 
 
 @task(name="manifest", task_run_name="manifest", cache_policy=NO_CACHE)
-def write_release_manifest(build: Build, inputs: dict, files: list[GgufFile],
+def write_release_manifest(build: Build, inputs: dict, files: list[GgufFile], imatrix: ImatrixFile | None,
                            smoke: list[SmokeResult], bench: list[BenchResult], quality: QualityResult | None,
                            head_choice, mlx) -> Path:
     """manifest.json: every input, tool, file and measurement of the release; the UI gets its tables."""
@@ -46,6 +47,8 @@ def write_release_manifest(build: Build, inputs: dict, files: list[GgufFile],
                    "bytes_written": injected.bytes_written, "vocabulary": injected.vocabulary},
         "head_choice": head_choice,
         "files": [_file_record(f, release.release_dir) for f in files],
+        **({"imatrix": {"path": imatrix.path.relative_to(release.release_dir).as_posix(), **jsonable(imatrix),
+                        "quants": cfg.imatrix_quants}} if imatrix else {}),
         "smoke": smoke,
         "bench": [row for result in bench for row in result.table()],
         "quality": quality.table() if quality else None,
@@ -89,9 +92,12 @@ def write_cards(release_dir: Path, artifact_key: str, description: str = "model 
 
 def _file_record(file: GgufFile, release_dir: Path) -> dict:
     """A file as the manifest lists it, by its path in the repo; a split one with each part's path, size and
-    sha256 (what the Hub holds), and no parts key otherwise, so unsplit releases' manifests stay as they were."""
+    sha256 (what the Hub holds), and no parts key otherwise, so unsplit releases' manifests stay as they were (nor
+    an imatrix key for a file made without one)."""
     record = {"path": file.path.relative_to(release_dir).as_posix(), **jsonable(file)}
     record.pop("parts")
+    if file.imatrix is None:
+        record.pop("imatrix")
     if file.parts:
         folder = file.path.parent.relative_to(release_dir)
         record["parts"] = [{"path": (folder / p.name).as_posix(), "size": p.size, "sha256": p.sha256}

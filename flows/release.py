@@ -129,7 +129,7 @@ class Release:
         has_vision = cfg.mmproj and self.arch.has_vision(model.config)
         variants = len(layouts) * (1 + len(cfg.quants))
         benches = len(bench_quants(cfg)) if cfg.bench.enabled and has_head else 0
-        steps = 2 * variants + benches + int(cfg.quality.enabled) + int(has_vision)
+        steps = 2 * variants + benches + int(cfg.quality.enabled) + int(has_vision) + int(bool(cfg.imatrix_quants))
         return Build(self, injected, model, digest, has_head, tuple(layouts), has_vision,
                      Progress.start(steps, self.key("progress")))
 

@@ -23,9 +23,10 @@ from mtpress.errors import PublishError
 from mtpress.hub.client import hub_api
 from mtpress.naming import pair_trunks_with_heads
 from mtpress.schema import Source
-from mtpress.stage_keys import convert_key, quantize_key
-from mtpress.stages import bench, convert, download, inject, quality, quantize, smoke
+from mtpress.stage_keys import convert_key, imatrix_key, quantize_key
+from mtpress.stages import bench, convert, download, imatrix, inject, quality, quantize, smoke
 from mtpress.stages.gguf_files import GgufFile
+from mtpress.stages.imatrix import ImatrixFile
 from mtpress.stages.publish import preupload
 from mtpress.stages.split import check_splittable, split_file
 
@@ -64,18 +65,37 @@ def convert_layout(build: Build, layout: str) -> list[GgufFile]:
                         name=build.cfg.name, tools=build.tools, out_dir=build.out_dir(layout))
 
 
+@task(name="imatrix", task_run_name="imatrix", **publish_task_options)
+def make_imatrix(build: Build, bf16: list[GgufFile]) -> ImatrixFile:
+    """One importance matrix for the release, from the first layout's BF16 files (its head included), holding the
+    quantize slot: llama-imatrix takes every core too."""
+    def compute() -> ImatrixFile:
+        with occupy("quantize-cpu"):
+            return imatrix.compute_imatrix(model, head, build.cfg.imatrix, name=build.cfg.name, tools=build.tools,
+                                           head_block=build.release.arch.head_gguf_block(build.model.config))
+
+    visible(*(f.path for f in bf16))
+    [(model, head)] = pair_trunks_with_heads(bf16)
+    return build.cached("imatrix", imatrix_key(bf16, build.cfg, build.tools), compute)
+
+
 @task(name="quantize", task_run_name="quantize {layout}/{quant}", **publish_task_options)
-def quantize_layout(build: Build, layout: str, quant: str, bf16: list[GgufFile]) -> list[GgufFile]:
+def quantize_layout(build: Build, layout: str, quant: str, bf16: list[GgufFile], matrix: ImatrixFile | None
+                    ) -> list[GgufFile]:
     """Each BF16 file of the layout at ``quant`` (each cached on its own: the disk preflight asks per file),
-    holding the machine's quantize slot: llama-quantize takes every core, two at once only slow each other."""
+    holding the machine's quantize slot: llama-quantize takes every core, two at once only slow each other.
+    ``matrix``: the release's importance matrix, for the quants the config makes with it."""
+    used = matrix if matrix is not None and build.cfg.imatrix.applies_to(quant) else None
+
     def quantize_one(source: GgufFile) -> GgufFile:
         with occupy("quantize-cpu"):
             return quantize.quantize(source, quant, build.release.arch, build.model.config, name=build.cfg.name,
                                      tools=build.tools, head_type=build.cfg.head_type,
-                                     shared_type=build.cfg.head_shared_type)
+                                     shared_type=build.cfg.head_shared_type, imatrix=used)
 
-    visible(*(f.path for f in bf16))
-    done = [build.reuse_or_run("quantize", quantize_key(f, quant, build.cfg, build.tools), quantize_one, f)
+    visible(*(f.path for f in bf16), *([used.path] if used else []))
+    sha256 = used.sha256 if used else None
+    done = [build.reuse_or_run("quantize", quantize_key(f, quant, build.cfg, build.tools, sha256), quantize_one, f)
             for f in bf16]
     return build.report([f for f, _ in done], all(reused for _, reused in done))
 

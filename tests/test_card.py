@@ -620,3 +620,30 @@ def test_templates_fail_loudly(manifest, tmp_path, template, problem):
         (tmp_path / name).write_text(template, encoding="utf-8")
     with pytest.raises(CardError, match=re.escape(problem)):
         card_of(manifest, templates_dir=tmp_path)
+
+
+def test_the_files_table_shows_each_models_kld_and_picks_derived_from_the_figures(manifest):
+    """Mean KLD beside each model file is the quality table's for its quant; the "pick this if" notes follow from
+    sizes and KLDs; the imatrix column says which files were made with the release's importance matrix."""
+    manifest = measured(manifest)
+    q2 = copy.deepcopy(next(f for f in manifest["files"] if f["quant"] == "Q4_K_M" and f["layout"] == "sidecar"
+                            and f["role"] == "model"))
+    q2.update(quant="Q2_K", path="Tiny-Qwen3.5-Demo-FT-MTP-Q2_K.gguf", name="Tiny-Qwen3.5-Demo-FT-MTP-Q2_K.gguf",
+              size=q2["size"] // 2, imatrix="imatrix-Tiny-Qwen3.5-Demo-FT.gguf")
+    manifest["files"].append(q2)
+    quality = manifest["quality_details"]
+    low = copy.deepcopy(quality["quants"][0])
+    low.update(model=q2["name"], quant="Q2_K", kld_mean={"value": 0.04, "error": 0.01, "unit": ""})
+    quality["quants"].append(low)
+    english = card_of(manifest).files["README.md"]
+    rows = {(r["File"], r["Quant"]): r for r in table_with(english, "Pick this if")}
+    klds = {r["Quant"]: r["Mean KLD"].split(" ± ")[0] for r in table_with(english, "Median KLD")}
+    for (path, quant), row in rows.items():
+        if "/mtp-" not in path and not path.startswith("mtp-"):
+            assert row["Mean KLD"] == ("0" if quant == "BF16" else klds[quant]), path
+    assert rows[(q2["path"], "Q2_K")]["Pick this if"] == "smallest file; smallest with mean KLD ≤ 0.05; closest to BF16"
+    assert rows[(q2["path"], "Q2_K")]["imatrix"] == "yes"
+    assert rows[("sidecar/Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf", "Q4_K_M")]["Pick this if"] == "recommended default"
+    assert rows[("sidecar/Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf", "Q4_K_M")]["imatrix"] == "no"
+    chinese = card_of(manifest).files["README_zh.md"]
+    assert "文件最小；平均 KLD ≤ 0.05 中最小；最接近 BF16" in chinese

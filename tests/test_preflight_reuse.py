@@ -6,10 +6,11 @@ import os
 from mtpress.archs import get_arch
 from mtpress.cache import StageCache
 from mtpress.fsutil import dir_digest
-from mtpress.naming import gguf_name
+from mtpress.naming import gguf_name, imatrix_name
 from mtpress.schema import ReleaseConfig
-from mtpress.stage_keys import convert_key, quantize_key, reused_outputs
+from mtpress.stage_keys import convert_key, imatrix_key, quantize_key, reused_outputs
 from mtpress.stages.gguf_files import GgufFile
+from mtpress.stages.imatrix import ImatrixFile
 from mtpress.stages.preflight import check_disk_space, planned_output_bytes
 from tests.fixtures import make_checkpoint
 
@@ -37,14 +38,24 @@ def quantize(source: GgufFile, quant) -> GgufFile:
     return produce(source.path.parent, source.layout, source.role, quant, f"{source.name}{quant}".encode())
 
 
+def make_imatrix(out_dir) -> ImatrixFile:
+    path, payload = out_dir / imatrix_name(CFG.name), b"imatrix"
+    path.write_bytes(payload)
+    return ImatrixFile(path=path, name=path.name, size=len(payload), sha256=hashlib.sha256(payload).hexdigest(),
+                       calibration="c.txt", calibration_sha256="0" * 64, ctx_size=512, chunks=None, tensors=1,
+                       head_tensors=1, llama_cpp="0")
+
+
 def first_run(cache: StageCache, release, digest, tools, *, quants) -> None:
     """Convert every layout and quantize ``quants`` through the cache, under the keys the flow uses."""
+    imatrix = None  # Q4_K_M is made with the importance matrix of the first layout's BF16 files
     for layout in CFG.layouts:
         out_dir = release if layout == CFG.layouts[0] else release / layout
         bf16 = cache.run("convert", convert_key(digest, layout, CFG, tools), convert, out_dir, layout)
+        imatrix = imatrix or cache.run("imatrix", imatrix_key(bf16, CFG, tools), make_imatrix, out_dir).sha256
         for quant in quants:
             for f in bf16:
-                cache.run("quantize", quantize_key(f, quant, CFG, tools), quantize, f, quant)
+                cache.run("quantize", quantize_key(f, quant, CFG, tools, imatrix), quantize, f, quant)
 
 
 def test_a_rerun_that_reuses_every_output_needs_no_free_space(tmp_path, toolchain):

@@ -18,7 +18,6 @@ from mtpress.stages.quality import (
     parse_kl_run,
     parse_statistics,
     quality,
-    uses_imatrix,
 )
 from mtpress.toolchain import LlamaCpp, run_tool
 
@@ -156,13 +155,11 @@ def test_quality_refuses_head_files(tmp_path):
                 None, tmp_path)
 
 
-def test_quality_spec_defaults_and_imatrix_choice():
+def test_quality_spec_defaults():
     spec = QualitySpec()
-    assert (spec.enabled, spec.ctx_size, spec.chunks, spec.imatrix_quants) == (True, 128, 16, ())
+    assert (spec.enabled, spec.ctx_size, spec.chunks) == (True, 128, 16)
     assert quality_stage.calibration_file(spec).read_text(encoding="utf-8").strip()
-    assert uses_imatrix("IQ2_M", spec) and not uses_imatrix("Q4_K_M", spec)
-    assert uses_imatrix("Q4_K_M", QualitySpec(imatrix_quants=("Q4_K_M", "Q3_K_M")))
-    for bad in ({"imatrix_quants": ("Q9_X",)}, {"imatrix_quants": ("BF16",)}, {"ctx_size": 8}, {"kld": True}):
+    for bad in ({"imatrix_quants": ("Q4_K_M",)}, {"ctx_size": 8}, {"kld": True}):
         with pytest.raises(ValidationError):
             QualitySpec(**bad)
 
@@ -185,12 +182,8 @@ def test_quality_chunks_1_in_a_release_config_names_the_key_and_the_floor(tmp_pa
 
 
 @pytest.mark.slow
-def test_quality_and_imatrix_on_the_demo_model(demo_ggufs, toolchain, tmp_path):
-    """Real llama-perplexity and llama-imatrix runs on BF16 and Q4_K_M; the toy's figures mean nothing."""
-    from gguf import GGUFReader
-
-    from mtpress.stages.quality import compute_imatrix
-
+def test_quality_on_the_demo_model(demo_ggufs, toolchain, tmp_path):
+    """Real llama-perplexity runs on BF16 and Q4_K_M; the toy's figures mean nothing."""
     bf16, q4 = demo_ggufs
     spec = QualitySpec(chunks=2)
     result = quality(bf16, [q4], spec, toolchain, tmp_path / "work")
@@ -203,18 +196,13 @@ def test_quality_and_imatrix_on_the_demo_model(demo_ggufs, toolchain, tmp_path):
     assert {"Mean PPL(base)", "Minimum KLD", "RMS Δp"} <= q.statistics.keys()
     assert any("mtpress-demo" in note for note in result.notes)
 
-    imatrix = compute_imatrix(bf16, None, spec, toolchain, tmp_path / "imatrix")
-    reader = GGUFReader(imatrix)
-    assert any(t.name.startswith("blk.8.nextn.eh_proj") for t in reader.tensors), "covers the MTP head"
-    assert reader.get_field("imatrix.datasets").contents() == ["calibration.txt"]
-
 
 @pytest.mark.slow
 def test_the_chunk_floor_is_llama_perplexitys_and_a_short_text_is_refused_before_the_quants(demo_ggufs, toolchain,
                                                                                             tmp_path):
     bf16, q4 = demo_ggufs
     # Below the floor, run as the stage runs it: one chunk of 128 scores 63 tokens, and the KL run ends without
-    # any statistics (two chunks, 126 tokens, summarise: test_quality_and_imatrix_on_the_demo_model).
+    # any statistics (two chunks, 126 tokens, summarise: test_quality_on_the_demo_model).
     perplexity, base, window = toolchain.tool("llama-perplexity"), tmp_path / "base.kld", ["-c", "128", "-b", "128"]
     run_tool([perplexity, "-m", bf16.path, "-f", quality_stage.calibration_file(QualitySpec()), "--chunks", "1",
               "--kl-divergence-base", base, *window], timeout=600)

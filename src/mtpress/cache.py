@@ -28,6 +28,7 @@ from mtpress.stages.bench import BenchResult, ConfigResult, Figures, Sample, Spr
 from mtpress.stages.export_mlx import MlxChecks, MlxPack, PackFile
 from mtpress.stages.gate import ClientRun, GateResult, SnapshotCheck
 from mtpress.stages.gguf_files import GgufFile
+from mtpress.stages.imatrix import ImatrixFile
 from mtpress.stages.quality import Estimate, QualityResult, QuantQuality
 from mtpress.stages.realign import HiddenStates, RealignResult
 from mtpress.stages.smoke import SmokeResult
@@ -37,7 +38,7 @@ T = TypeVar("T")
 RESULT_TYPES = {cls.__name__: cls for cls in (GgufFile, SmokeResult, BenchResult, ConfigResult, Figures, Sample,
                                               Spread, QualityResult, QuantQuality, Estimate, GateResult, ClientRun,
                                               SnapshotCheck, MlxPack, PackFile, MlxChecks, HiddenStates,
-                                              RealignResult, ModelDir)}
+                                              RealignResult, ModelDir, ImatrixFile)}
 # A stored result whose type has since gained or lost fields must not be decoded: it is part of every key.
 RESULT_SCHEMA = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in RESULT_TYPES.items()}
 CACHE_DIR = ".mtpress-cache"
@@ -48,6 +49,7 @@ STAGE_CODE = {
     "smoke": "mtpress.stages.smoke", "bench": "mtpress.stages.bench", "quality": "mtpress.stages.quality",
     "gate": "mtpress.stages.gate", "collect": "mtpress.stages.realign", "realign": "mtpress.stages.realign",
     "export_mlx": "mtpress.stages.export_mlx", "check_mlx": "mtpress.stages.export_mlx",
+    "imatrix": "mtpress.stages.imatrix",
 }
 
 
@@ -100,7 +102,8 @@ class StageCache:
         start = time.monotonic()
         result = compute(*args, **kwargs)
         seconds = round(time.monotonic() - start, 1)
-        outputs = [(str(f.path), _stat(f.path)) for f in _flatten(result) if isinstance(f, (GgufFile, PackFile))]
+        outputs = [(str(f.path), _stat(f.path)) for f in _flatten(result)
+                   if isinstance(f, (GgufFile, ImatrixFile, PackFile))]
         # Results that are not GGUFs (realign's hidden states and checkpoint) name their files themselves.
         outputs += [(str(p), _stat(p)) for r in _flatten(result) for p in getattr(r, "output_files", ())]
         write_text_atomic(entry, json.dumps({"result": _encode(result), "outputs": outputs, "seconds": seconds}))

@@ -89,11 +89,30 @@ class ManifestFile(StrictModel):
     parameters: int | None = None  # manifests before the mmproj export lack it
     head_tensor_types: tuple[str, ...] = ()
     parts: tuple[ManifestPart, ...] = ()  # empty: published whole
+    imatrix: str | None = None  # the importance matrix it was quantized with (Manifest.imatrix)
 
     @property
     def published(self) -> list[tuple[str, str]]:
         """(path, sha256) of what the repo holds for this file: its parts, or the file itself."""
         return [(p.path, p.sha256) for p in self.parts] or [(self.path, self.sha256)]
+
+
+class ManifestImatrix(StrictModel):
+    """The importance matrix the ``quants`` were made with (``ImatrixFile`` without its local path), published at
+    ``path``."""
+
+    path: str
+    name: str
+    size: int
+    sha256: str
+    calibration: str
+    calibration_sha256: str
+    ctx_size: int
+    chunks: int | None
+    tensors: int
+    head_tensors: int
+    llama_cpp: str
+    quants: tuple[str, ...]
 
 
 class SmokeRow(StrictModel):
@@ -190,6 +209,7 @@ class Manifest(_Document):
     inject: Inject
     head_choice: Record | None = None
     files: tuple[ManifestFile, ...]
+    imatrix: ManifestImatrix | None = None  # None: no quant was made with one
     smoke: tuple[SmokeRow, ...] = ()
     bench: Table = []
     quality: Table | None = None
@@ -203,7 +223,8 @@ class Manifest(_Document):
     def sha256_by_path(self) -> dict[str, str]:
         """Each file's sha256 by its path in the repo (each part's, for a split file): what a download of the release
         must reproduce."""
-        return dict(path_sha for f in self.files for path_sha in f.published)
+        published = dict(path_sha for f in self.files for path_sha in f.published)
+        return published | ({self.imatrix.path: self.imatrix.sha256} if self.imatrix else {})
 
 
 class PackManifest(_Document):

@@ -50,6 +50,12 @@ def gguf_name(name: str, quant: str, role: str) -> str:
     return f"{ROLE_PREFIX.get(role, '')}{file_stem(name)}-{quant}{GGUF_SUFFIX}"
 
 
+def imatrix_name(name: str) -> str:
+    """``imatrix-Stem.gguf``: the importance matrix the low-bit files were made with. llama.cpp's ``-hf`` never takes a
+    name containing ``imatrix`` as the model (NOT_A_MODEL), and it carries no quant tag for a ``:TAG`` to match."""
+    return f"imatrix-{file_stem(name)}{GGUF_SUFFIX}"
+
+
 def is_model_name(path: str) -> bool:
     """A GGUF llama.cpp's ``-hf`` may take as the model (not a head, projector, imatrix or other sibling)."""
     return path.endswith(GGUF_SUFFIX) and not any(word in PurePosixPath(path).name for word in NOT_A_MODEL)

@@ -155,8 +155,6 @@ class BenchSpec(StrictModel):
 # (llama_ftype_get_default_type, and IQ3_XS's attn_q/attn_k/ffn_gate/ffn_up). IQ3_S and IQ3_M do not.
 # tests/test_imatrix.py checks the set against llama-quantize --dry-run.
 IMATRIX_REQUIRED = frozenset({"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "Q2_K_S"})
-NO_IMATRIX_HINT = ("the release flow computes no importance matrix yet (issue #21 item 1), and llama-quantize refuses "
-                   "these types without one")
 # llama-perplexity --kl-divergence prints no statistics at all below this many scored tokens
 # (tools/perplexity/perplexity.cpp, kl_divergence: "if (kld.count < 100) return;").
 MIN_SCORED_TOKENS = 100
@@ -181,17 +179,6 @@ class QualitySpec(StrictModel):
     chunks: Annotated[int, Field(ge=1)] = 16  # at most; a short text yields fewer (tokens // ctx_size)
     threads: Annotated[int, Field(ge=1)] | None = None  # None: every core
     timeout_s: Annotated[float, Field(gt=0)] = 3 * 3600.0  # per tool run
-    imatrix_quants: tuple[str, ...] = Field(default=(), description="quant types made with an importance matrix; "
-                                            f"{', '.join(sorted(IMATRIX_REQUIRED))} always are")
-
-    @field_validator("imatrix_quants")
-    @classmethod
-    def _known_quants(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [q for q in value if q not in QUANT_TYPES or q in ("BF16", "F16")]
-        if unknown:
-            raise ValueError(f"not quant types that take an importance matrix: {', '.join(unknown)}")
-        return value
-
     @model_validator(mode="after")
     def _enough_chunks(self) -> QualitySpec:
         per_chunk, fewest = scored_per_chunk(self.ctx_size), fewest_chunks(self.ctx_size)
@@ -201,6 +188,42 @@ class QualitySpec(StrictModel):
                 f"and llama-perplexity prints its KL-divergence statistics only from {MIN_SCORED_TOKENS} (it scores "
                 f"{per_chunk} per chunk, the second half less one): set chunks to at least {fewest}, or raise ctx_size")
         return self
+
+
+def low_bit(quant: str) -> bool:
+    """The types an importance matrix helps most, and which `imatrix.quants: auto` selects: every IQ type, and
+    everything of at most 4 bits a weight (Q4_K_M and below)."""
+    return quant.startswith("IQ") or QUANT_TYPES[quant] <= 4
+
+
+class ImatrixSpec(StrictModel):
+    """The importance matrix (llama-imatrix, computed once per release from its BF16 files, MTP head included);
+    the config's ``imatrix:`` section."""
+
+    # "auto": every IQ type and everything at or below 4 bits; "all": every quant; or a list. The types
+    # llama-quantize refuses without one (IMATRIX_REQUIRED) are always made with it.
+    quants: Literal["auto", "all"] | tuple[str, ...] = "auto"
+    # Plain text. The default is not the quality stage's text: KL-divergence is measured on text the
+    # importance matrix never saw.
+    calibration: Path | None = Field(default=None, description="plain text; default: the shipped "
+                                     "imatrix_calibration.txt")
+    ctx_size: Annotated[int, Field(ge=16, le=8192)] = 512
+    chunks: Annotated[int, Field(ge=1)] | None = None  # at most; None: as many as the text fills
+    threads: Annotated[int, Field(ge=1)] | None = None  # None: every core
+    timeout_s: Annotated[float, Field(gt=0)] = 3 * 3600.0
+
+    @field_validator("quants")
+    @classmethod
+    def _known_quants(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        if isinstance(value, tuple) and (unknown := [q for q in value if q not in QUANT_TYPES or QUANT_TYPES[q] == 16]):
+            raise ValueError(f"not quant types that take an importance matrix: {', '.join(unknown)}")
+        return value
+
+    def applies_to(self, quant: str) -> bool:
+        """Whether ``quant`` is made with the release's importance matrix."""
+        if quant in IMATRIX_REQUIRED or self.quants == "all":
+            return QUANT_TYPES[quant] < 16
+        return low_bit(quant) if self.quants == "auto" else quant in self.quants
 
 
 HeadSource = Literal["copy", "realign", "best"]
@@ -286,10 +309,16 @@ class ReleaseConfig(StrictModel):
     smoke: SmokeSpec = SmokeSpec()
     bench: BenchSpec = BenchSpec()
     quality: QualitySpec = QualitySpec()
+    imatrix: ImatrixSpec = ImatrixSpec()  # which quants are made with an importance matrix, from what text
     head: HeadSpec = HeadSpec()  # copy the donor's head, re-align it on the fine-tune, or publish the better
     gate: GateSpec = GateSpec()
     mlx: MlxSpec | None = None  # the MTPLX pack for Apple Silicon, published to its own repo; absent: none
     cluster: ClusterSpec = ClusterSpec()  # a Dask cluster for the quant matrix; absent: this machine
+
+    @property
+    def imatrix_quants(self) -> tuple[str, ...]:
+        """The quants made with the release's importance matrix (none: it is not computed)."""
+        return tuple(q for q in self.quants if self.imatrix.applies_to(q))
 
     @field_validator("name")
     @classmethod
@@ -318,9 +347,6 @@ class ReleaseConfig(StrictModel):
                                  f"{', '.join(q for q in QUANT_TYPES if q != 'BF16')} (BF16 is always built)")
         if len(set(value)) != len(value):
             raise ValueError("lists a quant type twice")
-        if needs := [q for q in value if q in IMATRIX_REQUIRED]:
-            raise ValueError(f"{', '.join(needs)} need an importance matrix: {NO_IMATRIX_HINT}; use IQ3_M, IQ4_XS, "
-                             "Q2_K or the K-quants instead")
         return value
 
     @field_validator("head_type", "head_shared_type")
@@ -328,8 +354,9 @@ class ReleaseConfig(StrictModel):
     def _head_type(cls, value: str | None) -> str | None:
         if value is not None and value not in QUANT_TYPES:
             raise ValueError(f"unknown quant type {value!r}; expected one of {', '.join(QUANT_TYPES)}")
-        if value in IMATRIX_REQUIRED:
-            raise ValueError(f"{value} needs an importance matrix for the head's tensors: {NO_IMATRIX_HINT}")
+        if value in IMATRIX_REQUIRED:  # a head kept apart keeps its drafts; at 2 bits it would not
+            raise ValueError(f"{value} is a 2-bit type that needs an importance matrix: the head is kept apart to "
+                             "keep its drafts; use Q8_0, Q6_K or Q4_0")
         return value
 
     @model_validator(mode="after")
@@ -426,7 +453,8 @@ def _describe(err: dict) -> str:
 def _resolve_paths(config: ReleaseConfig, base: Path) -> ReleaseConfig:
     """Local source paths are relative to the config file, so configs work from any directory."""
     updates = {}
-    for section, key in (("bench", "prompts"), ("quality", "calibration"), ("smoke", "image"), ("head", "prompts")):
+    for section, key in (("bench", "prompts"), ("quality", "calibration"), ("imatrix", "calibration"),
+                         ("smoke", "image"), ("head", "prompts")):
         spec = getattr(config, section)
         if getattr(spec, key) is not None and not getattr(spec, key).is_absolute():
             updates[section] = spec.model_copy(update={key: (base / getattr(spec, key)).resolve()})

@@ -46,6 +46,9 @@ MISSING_WORDS = {
 # smallest of the well-behaved K/8-bit quants. Sidecar before embedded: its trunk also loads in Ollama
 # and LM Studio, and llama.cpp pairs it with its `mtp-` head. Below 4 bits nothing is recommended.
 DEFAULT_QUANT_PREFERENCE = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
+# "Pick this if" in the files table: the smallest model file whose mean KL-divergence against BF16 is at most this
+# (about where Q4_K_M files of full-size models sit, and well below 2- and 3-bit ones).
+CLOSE_ENOUGH_KLD = 0.05
 LAYOUT_PREFERENCE = ("sidecar", "embedded")
 
 # Below this many parameters, speed figures describe a toy, not what the released family does.
@@ -181,6 +184,8 @@ def card_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
     pair = _recommended_pair(files)
     # Stage records name files by layout and file name; the card shows their paths in the repo.
     paths = {(f["layout"], f["name"]): f["path"] for f in files}
+    quality = _quality_facts(manifest.get("quality_details"), paths)
+    _add_picks(files, quality)
     smoke = _smoke_rows(manifest, paths)
     hardware = manifest.get("hardware") or {}
     smoke_config = config.get("smoke") or {}
@@ -217,7 +222,9 @@ def card_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
         "cpu_only": bool(hardware) and not hardware.get("gpu"),
         "toolchain": manifest.get("toolchain") or {},
         "bench": _bench_rows(manifest.get("bench_details"), paths),
-        "quality": _quality_facts(manifest.get("quality_details"), paths),
+        "quality": quality,
+        "imatrix": manifest.get("imatrix"),
+        "close_enough_kld": CLOSE_ENOUGH_KLD,
         "gate": as_table(manifest.get("gate")),
         "gate_run": _gate_run(manifest.get("gate_details")),
         "hub_pairs": _hub_pairs(files, manifest.get("gate_details")),
@@ -375,8 +382,36 @@ def _file_rows(manifest: Mapping[str, Any], arch: Mapping[str, Any]) -> list[dic
             "recommended": id(f) in picked,
             # Over the Hub's per-file limit: the repo holds these llama-gguf-split parts, and -hf loads them whole.
             "parts": f.get("parts") or [],
+            "imatrix": f.get("imatrix"),
+            "kld_mean": None, "picks": [],  # from the quality stage's figures (_add_picks)
         })
     return rows
+
+
+def _add_picks(files: list[dict[str, Any]], quality: Mapping[str, Any] | None) -> None:
+    """Each model file's mean KLD against BF16 and its "pick this if" notes, derived from the figures: the
+    recommended default, the smallest download, the smallest with a mean KLD of at most CLOSE_ENOUGH_KLD, and the
+    closest to BF16 below it. KLD is measured on the first layout's files; a file of the other layout with the
+    same quant holds the same trunk weights and shows the same figure."""
+    kld = {r["quant"]: (r["kld_mean"] or {}).get("value")
+           for r in (quality or {}).get("rows", []) if not r["reference"]}
+    kld["BF16"] = 0.0 if quality else None
+    models = [f for f in files if f["role"] == "model"]
+    for f in models:
+        f["kld_mean"] = kld.get(f["quant"])
+        if f["recommended"]:
+            f["picks"].append("default")
+
+    def smallest(candidates: list[dict[str, Any]]) -> list[str]:
+        sizes = {f["quant"]: f["size"] for f in candidates if f["size"] is not None}
+        return [min(sizes, key=sizes.__getitem__)] if sizes else []
+
+    measured = [f for f in models if f["kld_mean"] is not None and f["quant"] != "BF16"]
+    notes = {"smallest": smallest(models),
+             "close_enough": smallest([f for f in measured if f["kld_mean"] <= CLOSE_ENOUGH_KLD]),
+             "closest": [min(measured, key=lambda f: f["kld_mean"])["quant"]] if measured else []}
+    for f in models:
+        f["picks"] += [note for note, quants in notes.items() if f["quant"] in quants]
 
 
 def _head_downloads(files: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -44,6 +44,7 @@ class GgufFile:
     parameters: int
     head_tensor_types: tuple[str, ...]
     parts: tuple[SplitPart, ...] = ()
+    imatrix: str | None = None  # the importance matrix it was quantized with, by its path in the release
 
     @property
     def published(self) -> list[Path]:

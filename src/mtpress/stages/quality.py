@@ -6,8 +6,7 @@ records its perplexity and writes its log-probabilities; each quant then runs wi
 chunk: ~500 MB for 16 chunks of 128 tokens at Qwen3.5's 248k vocabulary), so it lives in
 ``work_dir`` only for the duration of the stage.
 
-Also here: ``compute_imatrix``, the importance matrix (llama-imatrix, MTP head included) that
-low-bit and IQ quants are made with when the config asks for it.
+``run_on_text`` also runs llama-imatrix (stages/imatrix.py), which fails the same way on a short text.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from typing import Any
 
 from mtpress.errors import ConfigError, ToolchainError
 from mtpress.fsutil import sha256_file
-from mtpress.schema import IMATRIX_REQUIRED, MIN_SCORED_TOKENS, QualitySpec, fewest_chunks, scored_per_chunk
+from mtpress.schema import MIN_SCORED_TOKENS, QualitySpec, fewest_chunks, scored_per_chunk
 from mtpress.stages.bench import DEMO_TAG, gguf_metadata
 from mtpress.stages.gguf_files import GgufFile
 from mtpress.toolchain import LlamaCpp, run_tool
@@ -89,11 +88,6 @@ def calibration_file(spec: QualitySpec) -> Path:
     return spec.calibration or Path(str(resources.files("mtpress").joinpath(CALIBRATION_RESOURCE)))
 
 
-def uses_imatrix(quant: str, spec: QualitySpec) -> bool:
-    """Whether ``quant`` is made with an importance matrix: asked for, or required by llama-quantize."""
-    return quant in spec.imatrix_quants or quant in IMATRIX_REQUIRED
-
-
 def quality(bf16: GgufFile, quants: list[GgufFile], spec: QualitySpec, tools: LlamaCpp,
             work_dir: Path) -> QualityResult:
     """Measure each model file in ``quants`` against ``bf16``; the base-logits file is deleted afterwards."""
@@ -107,15 +101,16 @@ def quality(bf16: GgufFile, quants: list[GgufFile], spec: QualitySpec, tools: Ll
     # 2 GB at a 248k vocabulary.
     window = ["-c", str(spec.ctx_size), "-b", str(spec.ctx_size), "-t", threads]
     perplexity = tools.tool("llama-perplexity")
+    on_text = {"timeout": spec.timeout_s, "text": calibration, "ctx_key": "quality.ctx_size"}
     try:
-        base_output = _run([perplexity, "-m", bf16.path, "-f", calibration, "--chunks", str(spec.chunks),
-                            "--kl-divergence-base", base_logits, *window], spec, calibration)
+        base_output = run_on_text([perplexity, "-m", bf16.path, "-f", calibration, "--chunks", str(spec.chunks),
+                                   "--kl-divergence-base", base_logits, *window], **on_text)
         base_ppl, chunks = parse_base_run(base_output)
         _check_enough_text(chunks, spec, calibration)
         base_logits_bytes = base_logits.stat().st_size
         results = tuple(
-            parse_kl_run(_run([perplexity, "-m", q.path, "--kl-divergence-base", base_logits, "--kl-divergence",
-                               *window], spec, calibration), q)
+            parse_kl_run(run_on_text([perplexity, "-m", q.path, "--kl-divergence-base", base_logits, "--kl-divergence",
+                                      *window], **on_text), q)
             for q in quants)
     finally:
         base_logits.unlink(missing_ok=True)
@@ -136,31 +131,6 @@ def quality(bf16: GgufFile, quants: list[GgufFile], spec: QualitySpec, tools: Ll
                          notes=tuple(notes))
 
 
-def compute_imatrix(bf16: GgufFile, head: GgufFile | None, spec: QualitySpec, tools: LlamaCpp,
-                    work_dir: Path) -> Path:
-    """Write ``imatrix-<model>.gguf`` in ``work_dir`` from the calibration text and return its path.
-
-    The MTP head's tensors are covered too: ``--nextn`` for a model that embeds the head, ``-md`` for a
-    sidecar head (which is then quantized with the same file). Both need one sequence per batch.
-    """
-    calibration = calibration_file(spec).resolve()
-    work_dir.mkdir(parents=True, exist_ok=True)
-    out = (work_dir / f"imatrix-{bf16.path.stem}.gguf").resolve()
-    # The imatrix records the text's path as given (imatrix.datasets); run beside the text so a published
-    # imatrix names the file, not this machine's directories.
-    argv = [tools.tool("llama-imatrix"), "-m", bf16.path.resolve(), "-f", calibration.name, "-o", out, "--no-ppl",
-            "-c", str(spec.ctx_size), "-b", str(spec.ctx_size), "--chunks", str(spec.chunks),
-            "-t", str(spec.threads or os.cpu_count() or 2)]
-    if head is not None:
-        argv += ["-md", head.path.resolve()]
-    elif bf16.nextn_layers:
-        argv += ["--nextn"]
-    _run(argv, spec, calibration, cwd=calibration.parent)
-    if not out.is_file():
-        raise ToolchainError(f"llama-imatrix exited without writing {out}")
-    return out
-
-
 def _check_enough_text(chunks: int, spec: QualitySpec, calibration: Path) -> None:
     """The schema guarantees enough chunks are asked for; a short text yields fewer (tokens // ctx_size), and
     below MIN_SCORED_TOKENS every quant's run would end without statistics. Said before any quant runs."""
@@ -172,12 +142,12 @@ def _check_enough_text(chunks: int, spec: QualitySpec, calibration: Path) -> Non
             hint="use a longer calibration text, or raise quality.ctx_size")
 
 
-def _run(argv: list[Any], spec: QualitySpec, calibration: Path, cwd: Path | None = None) -> str:
-    output = run_tool(argv, timeout=spec.timeout_s, cwd=cwd)
+def run_on_text(argv: list[Any], *, timeout: float, text: Path, ctx_key: str, cwd: Path | None = None) -> str:
+    """A llama.cpp tool over a text; a text too short for one context window is the config's error, said so."""
+    output = run_tool(argv, timeout=timeout, cwd=cwd)
     if match := re.search(r"you need at least (\d+) tokens", output):
-        raise ConfigError(str(calibration), [f"too short for ctx_size {spec.ctx_size}: llama.cpp needs at least "
-                                             f"{match.group(1)} tokens"],
-                          hint="lower quality.ctx_size or use a longer calibration text")
+        raise ConfigError(str(text), [f"too short for {ctx_key}: llama.cpp needs at least {match.group(1)} tokens"],
+                          hint=f"lower {ctx_key} or use a longer text")
     return output
 
 
