@@ -39,6 +39,7 @@ from flows.tasks import (
 from mtpress.hub.client import hub_api
 from mtpress.naming import pair_trunks_with_heads
 from mtpress.stages.publish import publish as publish_stage
+from mtpress.stages.smoke import check_lean_heads
 
 # Only transient failures are retried (a failed commit leaves the repo unchanged, unchanged files are never
 # re-sent); a 412 never is: the retry would plan against another writer's commit and delete their files.
@@ -91,6 +92,8 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
     files = [f for built in settle(list(variants.values())) for f in built] + settle([mmproj] if mmproj else [])
     [imatrix] = settle([matrix])
     settle(uploads.futures)
+    # Each lean sidecar head against the embedded file of its quant: a measurable loss of drafts stops the release.
+    lean_heads = check_lean_heads(smoke_results, [f for f in files if f.role == "head"], cfg.head_shared_type)
 
     root = [f for f in files if f.layout == cfg.layouts[0]]  # one layout is enough: both hold the same weights
     bench_results = [build.step(bench_variant, build, trunk.quant, trunk, head).result()
@@ -108,8 +111,8 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
     # The Apple Silicon pack: same checkpoint, after smoke (its checks compare with the BF16 tokens).
     mlx_release = build_mlx_pack(cfg, build.model, release.arch, release.release_dir, build.model_digest,
                                  smoke_results, release.cache, inputs) if cfg.mlx else None
-    write_release_manifest(build, inputs, files, imatrix, smoke_results, bench_results, quality_result, head_choice,
-                           mlx_release)
+    write_release_manifest(build, inputs, files, imatrix, smoke_results, lean_heads, bench_results, quality_result,
+                           head_choice, mlx_release)
     write_cards(release.release_dir, release.key("card"))
     if push:
         ship(build, mlx_release)

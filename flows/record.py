@@ -7,7 +7,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from huggingface_hub.repocard import metadata_load
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
@@ -24,14 +24,15 @@ from mtpress.stages.card import render_card, write_card
 from mtpress.stages.gguf_files import GgufFile
 from mtpress.stages.imatrix import ImatrixFile
 from mtpress.stages.inject import InjectResult
+from mtpress.stages.publish import remove_unlisted_ggufs
 from mtpress.stages.quality import QualityResult
-from mtpress.stages.smoke import SmokeResult
+from mtpress.stages.smoke import LeanHeadCheck, SmokeResult
 
 
 @task(name="manifest", task_run_name="manifest", cache_policy=NO_CACHE)
 def write_release_manifest(build: Build, inputs: dict, files: list[GgufFile], imatrix: ImatrixFile | None,
-                           smoke: list[SmokeResult], bench: list[BenchResult], quality: QualityResult | None,
-                           head_choice, mlx) -> Path:
+                           smoke: list[SmokeResult], lean_heads: list[LeanHeadCheck], bench: list[BenchResult],
+                           quality: QualityResult | None, head_choice, mlx) -> Path:
     """manifest.json: every input, tool, file and measurement of the release; the UI gets its tables."""
     release, cfg, injected = build.release, build.cfg, build.injected
     manifest = Manifest.model_validate(jsonable({
@@ -50,6 +51,7 @@ def write_release_manifest(build: Build, inputs: dict, files: list[GgufFile], im
         **({"imatrix": {"path": imatrix.path.relative_to(release.release_dir).as_posix(), **jsonable(imatrix),
                         "quants": cfg.imatrix_quants}} if imatrix else {}),
         "smoke": smoke,
+        **({"lean_heads": lean_heads} if lean_heads else {}),
         "bench": [row for result in bench for row in result.table()],
         "quality": quality.table() if quality else None,
         "bench_details": bench,
@@ -57,6 +59,9 @@ def write_release_manifest(build: Build, inputs: dict, files: list[GgufFile], im
         "mlx": mlx.summary if mlx else None,
         "stage_seconds": release.cache.seconds,
     }))
+    if stale := remove_unlisted_ggufs(release.release_dir, set(manifest.sha256_by_path())):
+        get_run_logger().warning("removed %d GGUF(s) this release does not list, left by an earlier run: %s",
+                                 len(stale), ", ".join(stale))
     path = write_manifest(release.release_dir, manifest)
     create_table_artifact(key=release.key("files"), description="release files",
                           table=[{"file": f.path.relative_to(release.release_dir).as_posix(), "role": f.role,

@@ -31,10 +31,11 @@ def demo_with(**changes) -> dict:
 
 def test_the_full_matrix_release_validates_and_builds_every_published_type():
     cfg = load_release_config(FULL_MATRIX)
-    assert set(PUBLISHED) <= set(cfg.quants) and not set(cfg.quants) & IMATRIX_REQUIRED
+    assert set(PUBLISHED) <= set(cfg.quants) and set(cfg.quants) & IMATRIX_REQUIRED == {"IQ2_M"}
+    assert cfg.imatrix_quants == ("Q4_K_M", "Q4_K_S", "IQ4_XS", "Q3_K_L", "Q3_K_M", "Q3_K_S", "IQ3_M", "Q2_K", "IQ2_M")
     out = subprocess.run([sys.executable, "-c", "from mtpress.cli import main; main()", "check-config",
                           str(FULL_MATRIX)], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "Qwen3.5-9B-MTP: 12 quants" in out.stdout, out.stderr
+    assert out.returncode == 0 and "Qwen3.5-9B-MTP: 13 quants" in out.stdout, out.stderr
 
 
 def test_the_demo_matrix_stays_lean():

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,45 @@ def demo_sidecar(tmp_path_factory, toolchain, demo_pair):
     base = ModelDir(demo_pair[0], "base")
     return base.config, convert(base, get_arch("qwen35"), "sidecar", name="L", tools=toolchain,
                                 out_dir=tmp_path_factory.mktemp("lean-head"))
+
+
+
+def smoked(layout: str, quant: str, accepted: int, drafted: int):
+    from mtpress.stages.smoke import SmokeResult
+
+    head = f"mtp-T-{quant}.gguf" if layout == "sidecar" else None
+    return SmokeResult(model=f"T-{quant}.gguf", head=head, quant=quant, layout=layout, n_predict=48, draft_n_max=2,
+                       tokens_identical=True, tokens=(), drafted=drafted, accepted=accepted,
+                       acceptance=accepted / drafted, tokens_per_second_plain=1.0, tokens_per_second_mtp=1.0,
+                       passed=True)
+
+
+def heads(*quants: str) -> list:
+    from tests.test_preflight_reuse import produce
+
+    return [replace(produce(Path("/x"), "sidecar", "head", q, b"h"), name=f"mtp-T-{q}.gguf", size=100) for q in quants]
+
+
+def test_each_lean_head_is_checked_against_the_embedded_file_of_its_quant():
+    """Per release, from the smoke tests: the same drafts give z = 0; a draft or two fewer is chance; 10 of 50
+    against 30 of 50 is a measurable loss, which stops the release and says what to change."""
+    from mtpress.errors import QualityGateError
+    from mtpress.stages.smoke import check_lean_heads
+
+    same = [smoked("sidecar", "BF16", 29, 35), smoked("embedded", "BF16", 29, 35),
+            smoked("sidecar", "Q8_0", 29, 35), smoked("embedded", "Q8_0", 29, 35),
+            smoked("sidecar", "Q4_K_M", 28, 35), smoked("embedded", "Q4_K_M", 29, 34)]
+    checks = check_lean_heads(same, heads("Q8_0", "Q4_K_M"), "Q4_0")
+    assert [(c.quant, c.sidecar_accepted, c.embedded_accepted) for c in checks] == [("Q8_0", 29, 29),
+                                                                                   ("Q4_K_M", 28, 29)]
+    assert checks[0].z == 0 and 0 < checks[1].z < 2  # the BF16 head keeps BF16 copies: not compared
+    lost = [smoked("sidecar", "Q4_K_M", 10, 50), smoked("embedded", "Q4_K_M", 30, 50)]
+    with pytest.raises(QualityGateError, match=r"mtp-T-Q4_K_M\.gguf, with its embedding and output copies at Q4_0, "
+                                               r"accepted 10 of 50 drafts; the embedded Q4_K_M file.* 30 of 50: 4\.1 "
+                                               r"standard errors lower\n.*head_shared_type"):
+        check_lean_heads(lost, heads("Q4_K_M"), "Q4_0")
+    assert check_lean_heads(lost, heads("Q4_K_M"), None) == []  # the quant's own types: nothing lean to check
+    assert check_lean_heads(lost[:1], heads("Q4_K_M"), "Q4_0") == []  # one layout: nothing to compare with
 
 
 @pytest.mark.slow

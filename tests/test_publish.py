@@ -8,7 +8,7 @@ from huggingface_hub import HfApi
 from mtpress.errors import PublishConflictError, PublishError
 from mtpress.hub.client import hub_api
 from mtpress.schema import Target
-from mtpress.stages.publish import plan_publish, publish
+from mtpress.stages.publish import plan_publish, publish, release_files, remove_unlisted_ggufs
 
 TARGET = Target(repo="mtpress-demo/Release-GGUF")
 
@@ -291,3 +291,13 @@ def test_the_publish_flow_checks_the_token_before_anything_else(local_hub, prefe
     with pytest.raises(PublishError, match="cannot publish someone-else/Foreign-GGUF, someone-else/Foreign-GGUF-st"):
         publish_flow(str(config), str(tmp_path / "release"))
     assert not (tmp_path / "release").exists() and not (tmp_path / ".work-Foreign").exists()
+
+
+def test_ggufs_the_release_does_not_list_are_removed_before_they_can_be_published(tmp_path):
+    (tmp_path / "embedded").mkdir()
+    for path in ("T-Q4_K_M.gguf", "mtp-T-Q4_K_M.gguf", "embedded/T-Q4_K_M.gguf", "embedded/T-Q5_K_M.gguf",
+                 "T-Q3_K_M.gguf", "README.md", ".mtpress-cache.gguf"):
+        (tmp_path / path).write_bytes(b"x")
+    listed = {"T-Q4_K_M.gguf", "mtp-T-Q4_K_M.gguf", "embedded/T-Q4_K_M.gguf"}
+    assert remove_unlisted_ggufs(tmp_path, listed) == ["T-Q3_K_M.gguf", "embedded/T-Q5_K_M.gguf"]
+    assert set(release_files(tmp_path)) == listed | {"README.md"}

@@ -41,30 +41,30 @@ def test_every_layout_has_bf16_and_four_quants(release):
     files = release["manifest"]["files"]
     for layout in ("embedded", "sidecar"):
         models = {f["quant"] for f in files if f["layout"] == layout and f["role"] == "model"}
-        assert models == {"BF16", "Q8_0", "Q6_K", "IQ3_XXS", "Q4_K_M"}
+        assert models == {"BF16", "Q8_0", "Q6_K", "IQ4_XS", "Q4_K_M"}
     heads = {f["quant"] for f in files if f["role"] == "head"}
-    assert heads == {"BF16", "Q8_0", "Q6_K", "IQ3_XXS", "Q4_K_M"}
+    assert heads == {"BF16", "Q8_0", "Q6_K", "IQ4_XS", "Q4_K_M"}
 
 
 def test_the_low_bit_quants_are_made_with_the_published_importance_matrix(release):
-    """Q4_K_M (4 bits) and IQ3_XXS (which llama-quantize refuses without one) were made with the one importance
+    """Q4_K_M and IQ4_XS (an IQ type, 4 bits: `imatrix.quants: auto`) were made with the one importance
     matrix, computed from the root BF16 files with the head; it is published, verified by the gate, and the card
     names it, its calibration text and which files used it."""
     manifest, release_dir = release["manifest"], release["dir"]
     imatrix = manifest["imatrix"]
     assert imatrix["path"] == "imatrix-Tiny-Qwen3.5-Demo-FT.gguf" and (release_dir / imatrix["path"]).is_file()
     assert imatrix["sha256"] == sha256_file(release_dir / imatrix["path"])
-    assert imatrix["quants"] == ["Q4_K_M", "IQ3_XXS"] and imatrix["head_tensors"] == 8
+    assert imatrix["quants"] == ["Q4_K_M", "IQ4_XS"] and imatrix["head_tensors"] == 8
     assert imatrix["calibration"] == "mtpress/data/imatrix_calibration.txt"
     assert {(f["quant"], f.get("imatrix")) for f in manifest["files"]} == {
-        ("BF16", None), ("Q8_0", None), ("Q6_K", None), ("Q4_K_M", imatrix["path"]), ("IQ3_XXS", imatrix["path"])}
+        ("BF16", None), ("Q8_0", None), ("Q6_K", None), ("Q4_K_M", imatrix["path"]), ("IQ4_XS", imatrix["path"])}
     target = manifest["config"]["target"]["repo"]
     assert imatrix["path"] in release["api"].list_repo_files(target)
     card = (release_dir / "README.md").read_text(encoding="utf-8")
     assert f"`{imatrix['path']}`" in card and "`mtpress/data/imatrix_calibration.txt`" in card
-    assert "8 of them the MTP head's" in card and "Made with it: `Q4_K_M`, `IQ3_XXS`." in card
+    assert "8 of them the MTP head's" in card and "Made with it: `Q4_K_M`, `IQ4_XS`." in card
     zh = (release_dir / "README_zh.md").read_text(encoding="utf-8")
-    assert f"`{imatrix['path']}`" in zh and "用它量化的有：`Q4_K_M`、`IQ3_XXS`。" in zh
+    assert f"`{imatrix['path']}`" in zh and "用它量化的有：`Q4_K_M`、`IQ4_XS`。" in zh
 
 
 def test_files_carry_the_head_as_their_layout_demands(release):
@@ -138,7 +138,11 @@ def test_rerunning_the_flow_reuses_every_stage_and_makes_no_commit(release):
     api, before = release["api"], (release["dir"] / "manifest.json").read_bytes()
     repo = release["manifest"]["config"]["target"]["repo"]
     commits = api.list_repo_commits(repo)
+    # A GGUF an earlier run of another config left (a quant since dropped) would be published untested: removed.
+    stale = release["dir"] / "embedded" / "Tiny-Qwen3.5-Demo-FT-Q5_K_M.gguf"
+    stale.write_bytes(b"GGUF from an earlier config")
     rerun = publish(str(DEMO), str(release["dir"]), return_state=True)
+    assert not stale.exists()
     assert (release["dir"] / "manifest.json").read_bytes() == before
     assert api.list_repo_commits(repo) == commits
     # In the UI, every stage still shows as a task run named for what it works on, Cached and saying why.
@@ -149,7 +153,7 @@ def test_rerunning_the_flow_reuses_every_stage_and_makes_no_commit(release):
         runs = {t.name: t.state for t in client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[rerun.state_details.flow_run_id])), limit=200)}
     stages = [f"{kind} {layout}/{quant}" for kind in ("quantize", "smoke") for layout in ("sidecar", "embedded")
-              for quant in ("Q8_0", "Q6_K", "IQ3_XXS", "Q4_K_M")] + ["convert sidecar", "convert embedded", "imatrix",
+              for quant in ("Q8_0", "Q6_K", "IQ4_XS", "Q4_K_M")] + ["convert sidecar", "convert embedded", "imatrix",
                                                                      "quality"]
     for name in stages:
         assert runs[name].name == "Cached" and "same inputs with the same code" in runs[name].message, name
@@ -242,7 +246,7 @@ def test_bench_and_quality_are_measured_with_spread_and_hardware(release):
     manifest = release["manifest"]
     rows = manifest["bench"]
     assert {(r["quant"], r["config"]) for r in rows} == {
-        (q, c) for q in ("BF16", "Q8_0", "Q6_K", "IQ3_XXS", "Q4_K_M") for c in ("plain", "mtp-k1", "mtp-k2", "mtp-k3")}
+        (q, c) for q in ("BF16", "Q8_0", "Q6_K", "IQ4_XS", "Q4_K_M") for c in ("plain", "mtp-k1", "mtp-k2", "mtp-k3")}
     for detail in manifest["bench_details"]:
         assert detail["repetitions"] == 3 and detail["hardware"]["cores"] and detail["hardware"]["threads"]
         for config in detail["configs"]:
@@ -256,7 +260,7 @@ def test_bench_and_quality_are_measured_with_spread_and_hardware(release):
                 assert alpha == pytest.approx(per_position_acceptance(pooled, k))
                 assert config["overall"]["acceptance_bound"] == pytest.approx(sum(alpha**i for i in range(k + 1)))
     quality = {r["quant"]: r for r in manifest["quality"]}
-    assert set(quality) == {"BF16", "Q8_0", "Q6_K", "IQ3_XXS", "Q4_K_M"}
+    assert set(quality) == {"BF16", "Q8_0", "Q6_K", "IQ4_XS", "Q4_K_M"}
     card = (release["dir"] / "README.md").read_text(encoding="utf-8")
     assert "mtp-k2" in card and "Speed benchmark:** not measured" not in card
 
@@ -272,7 +276,7 @@ def test_the_release_was_staged_and_verified_with_the_real_clients_before_promot
     assert [c.commit_id for c in api.list_repo_commits(gate["repo"])][0] == gate["commit"]
     roots = {f["quant"]: f["path"] for f in manifest["files"] if "/" not in f["path"] and f["role"] == "model"}
     loaded = {r["tag"]: r for r in gate["runs"] if r["mtp"]}
-    assert set(roots) == {"BF16", "Q8_0", "Q6_K", "IQ3_XXS", "Q4_K_M"} and set(loaded) == {"Q4_K_M", "IQ3_XXS"}
+    assert set(roots) == {"BF16", "Q8_0", "Q6_K", "IQ4_XS", "Q4_K_M"} and set(loaded) == {"Q4_K_M", "IQ4_XS"}
     for tag, run in loaded.items():
         assert run["trunk"] == roots[tag] and run["head"] == f"mtp-{roots[tag]}" == run["intended_head"]
         assert run["tokens_match"] and run["drafted"] > 0 and run["commit"] == gate["commit"]

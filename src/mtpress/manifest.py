@@ -211,6 +211,7 @@ class Manifest(_Document):
     files: tuple[ManifestFile, ...]
     imatrix: ManifestImatrix | None = None  # None: no quant was made with one
     smoke: tuple[SmokeRow, ...] = ()
+    lean_heads: Table = []  # each quant's sidecar head (lean copies) against the embedded file (smoke.LeanHeadCheck)
     bench: Table = []
     quality: Table | None = None
     bench_details: list[Record] = []

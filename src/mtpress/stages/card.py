@@ -238,7 +238,7 @@ def card_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
         "mmproj": pair["mmproj"],
         "image_smoke": _image_smoke(manifest.get("smoke") or []),
         "acceptance": _head_acceptance(smoke_config, smoke),
-        "head_downloads": _head_downloads(files),
+        "head_downloads": _head_downloads(files, manifest.get("lean_heads")),
         # Older manifests lack it: their heads kept the quant's own types for these matrices.
         "head_shared_type": config.get("head_shared_type"),
     }
@@ -414,11 +414,14 @@ def _add_picks(files: list[dict[str, Any]], quality: Mapping[str, Any] | None) -
         f["picks"] += [note for note, quants in notes.items() if f["quant"] in quants]
 
 
-def _head_downloads(files: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """What MTP adds to each sidecar trunk's download: its head file, in bytes and as a share of the trunk."""
+def _head_downloads(files: list[dict[str, Any]], lean_heads: list[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+    """What MTP adds to each sidecar trunk's download: its head file, in bytes and as a share of the trunk; and the
+    drafts its lean copies accepted against the embedded file of its quant, where the smoke tests measured both."""
+    measured = {row.get("quant"): row for row in lean_heads or []}
     return [{"quant": trunk["quant"], "trunk": trunk["path"], "trunk_size": trunk["size"], "head": head["path"],
              "head_size": head["size"],
-             "share": head["size"] / trunk["size"] if head["size"] is not None and trunk["size"] else None}
+             "share": head["size"] / trunk["size"] if head["size"] is not None and trunk["size"] else None,
+             "lean": measured.get(trunk["quant"])}
             for trunk, head in pair_trunks_with_heads(files, _role_layout_quant) if head is not None]
 
 

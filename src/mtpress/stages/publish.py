@@ -77,6 +77,16 @@ def release_files(release_dir: Path) -> dict[str, Path]:
     return files
 
 
+def remove_unlisted_ggufs(release_dir: Path, listed: set[str]) -> list[str]:
+    """Delete every GGUF in the release folder that this release does not list (a quant an earlier run of another
+    config built, a file since split): the commit publishes the whole folder, and nothing untested may reach it.
+    Returns their repo paths."""
+    unlisted = [path for path in release_files(release_dir) if path.endswith(".gguf") and path not in listed]
+    for path in unlisted:
+        (release_dir / path).unlink()
+    return unlisted
+
+
 def plan_publish(release_dir: Path, target: Target, api: HfApi) -> PublishPlan:
     local = release_files(release_dir)
     try:

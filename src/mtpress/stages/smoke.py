@@ -326,3 +326,60 @@ def require_acceptance(what: str, drafted: int, accepted: int, spec: SmokeSpec) 
             hint="the head loads but does not predict this model, so it would only cost time: take it from "
                  "another donor (the fine-tune's own base model), or re-align it on the fine-tune "
                  "(head: {source: realign} or {source: best})")
+
+
+@dataclass(frozen=True)
+class LeanHeadCheck:
+    """One quant's sidecar head, whose embedding and output copies are at ``shared_type``, against the embedded
+    file of the same quant, whose head reads the trunk's own matrices: same trunk weights, same greedy prompt."""
+
+    quant: str
+    shared_type: str
+    head: str
+    head_size: int
+    sidecar_accepted: int
+    sidecar_drafted: int
+    embedded_accepted: int
+    embedded_drafted: int
+    z: float | None  # how many standard errors the sidecar's acceptance is below the embedded one's
+
+
+# A lower acceptance counts as a loss beyond this many standard errors of the difference of two proportions:
+# greedy drafts on another file's numerics differ by a draft or two either way, which is no loss.
+LEAN_HEAD_LOSS_Z = 2.0
+
+
+def check_lean_heads(results: list[SmokeResult], heads: list[GgufFile], shared_type: str | None
+                     ) -> list[LeanHeadCheck]:
+    """Compare each quantized sidecar head with the embedded file of its quant (both smoke-tested); raise
+    QualityGateError when the lean copies cost measurable acceptance. Nothing to compare without both layouts."""
+    if shared_type is None:
+        return []
+    embedded = {r.quant: r for r in results if r.layout == "embedded" and r.drafted}
+    size = {h.name: h.size for h in heads}
+    checks = []
+    for r in results:
+        if r.layout != "sidecar" or r.head is None or r.quant == "BF16" or r.quant not in embedded:
+            continue  # the BF16 head keeps BF16 copies
+        base = embedded[r.quant]
+        checks.append(LeanHeadCheck(r.quant, shared_type, r.head, size[r.head], r.accepted, r.drafted,
+                                    base.accepted, base.drafted, _z_below(r.accepted, r.drafted, base.accepted,
+                                                                          base.drafted)))
+    if lost := [c for c in checks if c.z is not None and c.z > LEAN_HEAD_LOSS_Z]:
+        c = lost[0]
+        raise QualityGateError(
+            f"smoke: the sidecar head {c.head}, with its embedding and output copies at {c.shared_type}, accepted "
+            f"{c.sidecar_accepted} of {c.sidecar_drafted} drafts; the embedded {c.quant} file, with the trunk's own "
+            f"types, {c.embedded_accepted} of {c.embedded_drafted}: {c.z:.1f} standard errors lower",
+            hint="set head_shared_type to a larger type (Q8_0), or to null for the quant's own types")
+    return checks
+
+
+def _z_below(accepted: int, drafted: int, base_accepted: int, base_drafted: int) -> float | None:
+    """(base's acceptance − this acceptance) ÷ the standard error of the difference (pooled); None when both are
+    all or nothing, where no difference can be told from chance."""
+    if not drafted or not base_drafted:
+        return None
+    pooled = (accepted + base_accepted) / (drafted + base_drafted)
+    error = (pooled * (1 - pooled) * (1 / drafted + 1 / base_drafted)) ** 0.5
+    return (base_accepted / base_drafted - accepted / drafted) / error if error else None
