@@ -43,6 +43,7 @@ from mtpress.stages.inject import InjectResult
 from mtpress.stages.preflight import check_disk_space, check_plan, plan_run, planned_output_bytes
 from mtpress.stages.publish import check_write_access
 from mtpress.toolchain import LlamaCpp, resolve_toolchain
+from mtpress.toolchain.processes import stop_tools_on_termination
 
 T = TypeVar("T")
 
@@ -235,6 +236,7 @@ def open_release(config: str, output: str | None, *, push: bool, dry_run: bool, 
                  ) -> Release:
     """Everything that must hold before any download: fails at once, with nothing half-done."""
     log = get_run_logger()
+    stop_tools_on_termination()  # SIGTERM and Ctrl-C stop the tools at once, not after the running task ends
     use_token_from_secret(token_secret)
     cfg = load_release_config(config)  # a path, or the config's own text (as the watcher's event sends it)
     if push and not dry_run:  # a token that cannot publish there fails now, not after the build

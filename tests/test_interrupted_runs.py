@@ -202,3 +202,28 @@ def test_a_release_killed_at_each_stage_resumes_to_identical_bytes_and_one_commi
     for path, sha in expected.items():
         assert remote[path].lfs.sha256 == sha, path
     assert {p for p in remote if not p.startswith(".")} == {*expected, "README.md", "README_zh.md", "manifest.json"}
+
+
+def test_sigterm_stops_the_running_tools_at_once_and_nothing_outlives_the_run(tmp_path, local_hub, toolchain,
+                                                                             demo_pair):
+    """SIGTERM (a service manager's stop, a cancelled CI job) reaches the flow's main thread while a worker thread
+    waits on a tool; Prefect ends the run only once its tasks return. Here the BF16 smoke test asks for 1,024
+    tokens three times (about a minute on two cores): the run must end within seconds, its tools with it."""
+    config = tmp_path / "terminated.yaml"
+    config.write_text(CONFIG.replace("quants: [Q4_K_M]", "quants: [Q8_0]").replace("n_predict: 16", "n_predict: 1024"))
+    seed_upstream_repos(config)
+    env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},
+           "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LOGGING_LEVEL": "INFO"}
+    run = PublishProcess(config, tmp_path / "release", env, tmp_path / "terminated.log", "--no-push")
+    run.wait_for(lambda: run.running_tool("llama-server"), "the smoke test's llama-server")
+    time.sleep(3)  # the server is up and generating
+    sent = time.monotonic()
+    run.proc.terminate()
+    returncode = run.proc.wait(timeout=120)
+    took = time.monotonic() - sent
+    assert took < 15, f"the run took {took:.0f} s to end after SIGTERM:\n{run.output[-3000:]}"
+    assert returncode != 0 and "Crashed('Execution was aborted by a termination signal.')" in run.output, run.output
+    deadline = time.monotonic() + 10
+    while left := run.started():
+        assert time.monotonic() < deadline, f"outlived the run that started them: {left}"
+        time.sleep(0.1)

@@ -85,7 +85,8 @@ def _start(settings) -> tuple[subprocess.Popen, str]:
         # The profile's settings travel as variables, as they do to Prefect's own temporary server.
         proc = start([sys.executable, "-m", "uvicorn", "--factory", f"{__name__}:ephemeral_app", "--host",
                       "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-                     env=settings.to_environment_variables(exclude_unset=True), stdin=subprocess.DEVNULL)
+                     env=settings.to_environment_variables(exclude_unset=True), stdin=subprocess.DEVNULL,
+                     tool=False)  # it must record the run's end after a termination stopped the tools
         try:
             if _serving(proc, url, deadline):
                 return proc, url

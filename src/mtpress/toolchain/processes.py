@@ -11,6 +11,10 @@ may outlive the call that started it on its thread: ``run_tool`` waits for its t
 server when its ``with`` block ends (a with-statement enters and exits on one thread; the flow's smoke lane runs
 each smoke wholly on its worker thread), and the CLI starts Prefect's server on the main thread, which lives as
 long as the process. On other systems there is no such signal and only the ``finally`` blocks stop tools.
+
+SIGTERM and Ctrl-C during a flow reach its main thread only, while its tasks wait on tools in other threads;
+Prefect then waits for those tasks before it ends the run, so a quantize would finish first (minutes at 9B).
+``stop_tools_on_termination`` makes either signal stop every tool first: each task's wait ends at once.
 """
 
 from __future__ import annotations
@@ -21,11 +25,16 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY", re.IGNORECASE)
 PR_SET_PDEATHSIG = 1
+# Every tool started; one that has ended polls as ended, one no longer referenced drops out.
+_tools: weakref.WeakSet[subprocess.Popen] = weakref.WeakSet()
+_tools_lock = threading.Lock()
 
 
 def _prctl() -> Callable[..., int] | None:
@@ -51,12 +60,53 @@ def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def start(argv: Sequence[str | Path], *, env: Mapping[str, str] | None = None, **popen: object) -> subprocess.Popen:
+def start(argv: Sequence[str | Path], *, env: Mapping[str, str] | None = None, tool: bool = True,
+          **popen: object) -> subprocess.Popen:
     """Start ``argv`` with ``tool_env(env)``, in a session of its own, to be killed when mtpress ends.
 
-    Stop it with ``stop``; it must not outlive the call that started it on this thread (module docstring)."""
-    return subprocess.Popen([str(a) for a in argv], env=tool_env(env), start_new_session=True,
+    Stop it with ``stop``; it must not outlive the call that started it on this thread (module docstring).
+    ``tool=False``: not stopped by a termination signal (Prefect's own server, which records the run's end)."""
+    proc = subprocess.Popen([str(a) for a in argv], env=tool_env(env), start_new_session=True,
                             preexec_fn=_dies_with(os.getpid()), **popen)
+    if tool:
+        with _tools_lock:
+            _tools.add(proc)
+    return proc
+
+
+def stop_tools_on_termination() -> None:
+    """From now until the caller's signal handlers are restored, SIGTERM and SIGINT first kill every running tool,
+    then do what they did before (Prefect's handlers: record the run as crashed, end the process). Only the main
+    thread can set handlers; elsewhere this does nothing."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(signum)
+
+        def stop_tools_then(received: int, frame: object, previous: object = previous) -> None:
+            stop_all_tools()
+            if callable(previous):
+                previous(received, frame)
+            else:  # the default action (or ignoring it) as before
+                signal.signal(received, previous)
+                if previous == signal.SIG_DFL:
+                    os.kill(os.getpid(), received)
+
+        try:
+            signal.signal(signum, stop_tools_then)
+        except ValueError:
+            return
+
+
+def stop_all_tools() -> int:
+    """SIGKILL every running tool's session; their threads reap them. How many were running."""
+    with _tools_lock:
+        running = [proc for proc in _tools if proc.poll() is None]
+    for proc in running:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(running)
+
 
 
 def _dies_with(parent: int) -> Callable[[], None] | None:
