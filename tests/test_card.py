@@ -168,6 +168,11 @@ def test_every_file_row_is_computed_from_the_manifest(manifest):
     sizes = {285_000_000: "285 MB", 105_000_000: "105 MB", 104_000_000: "104 MB", 60_000_000: "60 MB"}
     for text in card.files.values():
         for f in manifest["files"]:
+            if f["role"] == "head":  # in its trunk's row, by path and size
+                trunk_path = f["path"].replace("/mtp-", "/")
+                assert f"| `{f['path']}` ({sizes[f['size']]}) |" in file_row(text, trunk_path)
+                assert f["sha256"] in text
+                continue
             cells = file_row(text, f["path"])
             assert f"| {sizes[f['size']]} |" in cells
             assert f"`{f['sha256'][:12]}`" in cells
@@ -176,9 +181,12 @@ def test_every_file_row_is_computed_from_the_manifest(manifest):
                 parameters = whole if f["layout"] == "embedded" else trunk
                 assert f"| {f['size'] * 8 / parameters:.2f} |" in cells
         assert all(f["sha256"] in text for f in manifest["files"])  # full hashes, in the details block
-    head_file = "sidecar/mtp-Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf"
-    assert "| head + shared embeddings |" in file_row(card.files["README.md"], head_file)
-    assert "| 头 + 共享词嵌入 |" in file_row(card.files["README_zh.md"], head_file)
+    trunk_file = "sidecar/Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf"
+    assert "| sidecar trunk |" in file_row(card.files["README.md"], trunk_file)
+    assert "| 分离式主干 |" in file_row(card.files["README_zh.md"], trunk_file)
+    embedded = "embedded/Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf"
+    assert "| in the file |" in file_row(card.files["README.md"], embedded)
+    assert "| 在文件内 |" in file_row(card.files["README_zh.md"], embedded)
 
 
 def test_changing_the_manifest_changes_the_card(manifest):
@@ -488,10 +496,9 @@ def test_recommendation_rule_prefers_q4_k_m_then_sidecar():
 
 def test_the_recommended_pair_is_marked(manifest):
     english = card_of(manifest).files["README.md"]
-    marked = [line for line in english.splitlines() if line.startswith("| ✅ |")]
-    assert len(marked) == 2
-    assert "`sidecar/Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf`" in marked[0]
-    assert "`sidecar/mtp-Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf`" in marked[1]
+    [marked] = [line for line in english.splitlines() if line.startswith("| ✅ |")]  # one row: trunk and head
+    assert "| `sidecar/Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf` |" in marked
+    assert "| `sidecar/mtp-Tiny-Qwen3.5-Demo-FT-MTP-Q4_K_M.gguf` (60 MB) |" in marked
 
 
 # UNTRUSTED TEXT

@@ -43,7 +43,8 @@ def test_the_demo_matrix_stays_lean():
 
 
 def test_which_quants_are_made_with_the_importance_matrix():
-    auto = load_release_config(demo_with(quants=["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "IQ2_M"]))
+    auto = load_release_config(demo_with(quants=["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "IQ2_M"],
+                                         imatrix={}))  # the schema's default: auto
     assert auto.imatrix_quants == ("Q4_K_M", "IQ4_XS", "Q3_K_M", "IQ2_M")  # IQ types and 4 bits or fewer
     every = load_release_config(demo_with(quants=["Q8_0", "IQ2_M"], imatrix={"quants": "all"}))
     assert every.imatrix_quants == ("Q8_0", "IQ2_M")

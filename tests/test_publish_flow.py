@@ -47,24 +47,23 @@ def test_every_layout_has_bf16_and_four_quants(release):
 
 
 def test_the_low_bit_quants_are_made_with_the_published_importance_matrix(release):
-    """Q4_K_M and IQ4_XS (an IQ type, 4 bits: `imatrix.quants: auto`) were made with the one importance
-    matrix, computed from the root BF16 files with the head; it is published, verified by the gate, and the card
-    names it, its calibration text and which files used it."""
+    """IQ4_XS was made with the one importance matrix, computed from the root BF16 files with the head; it is
+    published, verified by the gate, and the card names it, its calibration text and which files used it."""
     manifest, release_dir = release["manifest"], release["dir"]
     imatrix = manifest["imatrix"]
     assert imatrix["path"] == "imatrix-Tiny-Qwen3.5-Demo-FT.gguf" and (release_dir / imatrix["path"]).is_file()
     assert imatrix["sha256"] == sha256_file(release_dir / imatrix["path"])
-    assert imatrix["quants"] == ["Q4_K_M", "IQ4_XS"] and imatrix["head_tensors"] == 8
+    assert imatrix["quants"] == ["IQ4_XS"] and imatrix["head_tensors"] == 8
     assert imatrix["calibration"] == "mtpress/data/imatrix_calibration.txt"
     assert {(f["quant"], f.get("imatrix")) for f in manifest["files"]} == {
-        ("BF16", None), ("Q8_0", None), ("Q6_K", None), ("Q4_K_M", imatrix["path"]), ("IQ4_XS", imatrix["path"])}
+        ("BF16", None), ("Q8_0", None), ("Q6_K", None), ("Q4_K_M", None), ("IQ4_XS", imatrix["path"])}
     target = manifest["config"]["target"]["repo"]
     assert imatrix["path"] in release["api"].list_repo_files(target)
     card = (release_dir / "README.md").read_text(encoding="utf-8")
     assert f"`{imatrix['path']}`" in card and "`mtpress/data/imatrix_calibration.txt`" in card
-    assert "8 of them the MTP head's" in card and "Made with it: `Q4_K_M`, `IQ4_XS`." in card
+    assert "8 of them the MTP head's" in card and "Made with it: `IQ4_XS`." in card
     zh = (release_dir / "README_zh.md").read_text(encoding="utf-8")
-    assert f"`{imatrix['path']}`" in zh and "用它量化的有：`Q4_K_M`、`IQ4_XS`。" in zh
+    assert f"`{imatrix['path']}`" in zh and "用它量化的有：`IQ4_XS`。" in zh
 
 
 def test_files_carry_the_head_as_their_layout_demands(release):

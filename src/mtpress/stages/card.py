@@ -206,6 +206,7 @@ def card_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
         "head_choice": _head_choice(manifest.get("head_choice")),
         "arch": arch,
         "files": files,
+        "file_rows": _file_table(files),
         "has_layout": {layout: any(f["layout"] == layout for f in files) for layout in LAYOUT_PREFERENCE},
         "folder": _layout_folders(files),
         "preferred_quants": DEFAULT_QUANT_PREFERENCE,
@@ -386,6 +387,12 @@ def _file_rows(manifest: Mapping[str, Any], arch: Mapping[str, Any]) -> list[dic
             "kld_mean": None, "picks": [],  # from the quality stage's figures (_add_picks)
         })
     return rows
+
+
+def _file_table(files: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The files table's rows: one per model file (and the vision projector), a sidecar trunk with its head."""
+    heads = {id(trunk): head for trunk, head in pair_trunks_with_heads(files, _role_layout_quant) if head}
+    return [{**f, "head": heads.get(id(f))} for f in files if f["role"] != "head"]
 
 
 def _add_picks(files: list[dict[str, Any]], quality: Mapping[str, Any] | None) -> None:
