@@ -396,9 +396,9 @@ def _file_table(files: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _add_picks(files: list[dict[str, Any]], quality: Mapping[str, Any] | None) -> None:
-    """Each model file's mean KLD against BF16 and its "pick this if" notes, derived from the figures: the
-    recommended default, the smallest download, the smallest with a mean KLD of at most CLOSE_ENOUGH_KLD, and the
-    closest to BF16 below it. KLD is measured on the first layout's files; a file of the other layout with the
+    """Each model file's mean KLD against BF16 and its "pick this if" notes, derived from the figures, each on one
+    file: the recommended default, the smallest file, the smallest with a mean KLD of at most CLOSE_ENOUGH_KLD,
+    and the closest to BF16 (the smaller of equals). KLD is measured on the first layout's files; a file of the other layout with the
     same quant holds the same trunk weights and shows the same figure."""
     kld = {r["quant"]: (r["kld_mean"] or {}).get("value")
            for r in (quality or {}).get("rows", []) if not r["reference"]}
@@ -409,16 +409,16 @@ def _add_picks(files: list[dict[str, Any]], quality: Mapping[str, Any] | None) -
         if f["recommended"]:
             f["picks"].append("default")
 
-    def smallest(candidates: list[dict[str, Any]]) -> list[str]:
-        sizes = {f["quant"]: f["size"] for f in candidates if f["size"] is not None}
-        return [min(sizes, key=sizes.__getitem__)] if sizes else []
+    def first(candidates: list[dict[str, Any]], order: Callable[[dict[str, Any]], Any]) -> int | None:
+        return id(min(candidates, key=order)) if candidates else None
 
-    measured = [f for f in models if f["kld_mean"] is not None and f["quant"] != "BF16"]
-    notes = {"smallest": smallest(models),
-             "close_enough": smallest([f for f in measured if f["kld_mean"] <= CLOSE_ENOUGH_KLD]),
-             "closest": [min(measured, key=lambda f: f["kld_mean"])["quant"]] if measured else []}
+    sized = [f for f in models if f["size"] is not None]
+    measured = [f for f in sized if f["kld_mean"] is not None and f["quant"] != "BF16"]
+    notes = {"smallest": first(sized, lambda f: f["size"]),  # one file each: ties go to the smaller
+             "close_enough": first([f for f in measured if f["kld_mean"] <= CLOSE_ENOUGH_KLD], lambda f: f["size"]),
+             "closest": first(measured, lambda f: (f["kld_mean"], f["size"]))}
     for f in models:
-        f["picks"] += [note for note, quants in notes.items() if f["quant"] in quants]
+        f["picks"] += [note for note, picked in notes.items() if picked == id(f)]
 
 
 def _head_downloads(files: list[dict[str, Any]], lean_heads: list[Mapping[str, Any]] | None) -> list[dict[str, Any]]:
