@@ -398,8 +398,8 @@ def _file_table(files: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _add_picks(files: list[dict[str, Any]], quality: Mapping[str, Any] | None) -> None:
     """Each model file's mean KLD against BF16 and its "pick this if" notes, derived from the figures, each on one
     file: the recommended default, the smallest file, the smallest with a mean KLD of at most CLOSE_ENOUGH_KLD,
-    and the closest to BF16 (the smaller of equals). KLD is measured on the first layout's files; a file of the other layout with the
-    same quant holds the same trunk weights and shows the same figure."""
+    and the closest to BF16 (the smaller of equals). KLD is measured on the first layout's files; a file of the
+    other layout with the same quant holds the same trunk weights and shows the same figure."""
     kld = {r["quant"]: (r["kld_mean"] or {}).get("value")
            for r in (quality or {}).get("rows", []) if not r["reference"]}
     kld["BF16"] = 0.0 if quality else None
