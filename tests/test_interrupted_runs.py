@@ -152,8 +152,8 @@ def test_a_release_killed_at_each_stage_resumes_to_identical_bytes_and_one_commi
     reference = tmp_path / "reference"
     PublishProcess(config, reference, env, tmp_path / "reference.log", "--no-push").finish()
     expected = _ggufs(reference)
-    assert set(expected) == {"Interrupted-BF16.gguf", "Interrupted-Q4_K_M.gguf",
-                             "mtp-Interrupted-BF16.gguf", "mtp-Interrupted-Q4_K_M.gguf"}
+    assert set(expected) == {"Interrupted-BF16.gguf", "Interrupted-Q4_K_M.gguf", "mtp-Interrupted-BF16.gguf",
+                             "mtp-Interrupted-Q4_K_M.gguf", "imatrix-Interrupted.gguf"}  # Q4_K_M is made with it
 
     run = PublishProcess(config, release, env, tmp_path / "convert.log")
     run.wait_for(lambda: run.running_tool("convert_hf_to_gguf"), "converter process")
