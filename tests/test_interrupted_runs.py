@@ -196,7 +196,8 @@ def test_a_release_killed_at_each_stage_resumes_to_identical_bytes_and_one_commi
     assert not _leftovers(release, work), "the rerun removes what the killed runs left"
 
     manifest = json.loads((release / "manifest.json").read_text())
-    assert {f["path"]: f["sha256"] for f in manifest["files"]} == expected
+    assert {f["path"]: f["sha256"] for f in manifest["files"]} | {manifest["imatrix"]["path"]:
+                                                                  manifest["imatrix"]["sha256"]} == expected
     assert len(_release_commits(api)) == 1
     remote = {f.rfilename: f for f in api.model_info(TARGET, files_metadata=True).siblings}
     for path, sha in expected.items():
