@@ -109,6 +109,10 @@ def test_an_iq_release_made_with_the_imatrix_builds_and_passes_smoke(layout, dem
     iq = [quantize(f, "IQ3_XXS", arch, base.config, name="T-MTP", tools=toolchain, head_type="Q8_0",
                    shared_type="Q4_0", imatrix=matrix) for f in bf16]
     assert {f.imatrix for f in iq} == {"imatrix-T.gguf"}
+    for f in iq:  # the published file names the matrix and its text, never this machine's directories
+        fields = GGUFReader(f.path).fields
+        assert fields["quantize.imatrix.file"].contents() == "imatrix-T.gguf"
+        assert fields["quantize.imatrix.dataset"].contents() == "imatrix_calibration.txt"
     assert {f.head_tensor_types for f in iq if f.nextn_layers} == {("F32", "Q8_0")}
     [(model, head)] = pair_trunks_with_heads(iq)
     result = smoke(model, head, SmokeSpec(n_predict=48, draft_n_max=2), toolchain)

@@ -37,10 +37,12 @@ def quantize(src: GgufFile, quant: str, arch: ArchSpec, config: dict, *, name: s
     if shared_type and src.role == "head":
         argv += ["--token-embedding-type", shared_type.lower(), "--output-tensor-type", shared_type.lower()]
     if imatrix is not None:
-        argv += ["--imatrix", str(imatrix.path)]
-    argv += [str(src.path), str(partial), quant, str(os.cpu_count() or 2)]
+        # llama-quantize records the path as given (quantize.imatrix.file): from beside the matrix, a published file
+        # names the matrix, not this machine's directories.
+        argv += ["--imatrix", imatrix.path.name]
+    argv += [str(src.path.resolve()), str(partial.resolve()), quant, str(os.cpu_count() or 2)]
     try:
-        run_tool(argv, timeout=QUANTIZE_TIMEOUT_S)
+        run_tool(argv, timeout=QUANTIZE_TIMEOUT_S, cwd=imatrix.path.parent if imatrix else None)
         gguf = describe_gguf(partial, arch, config, name=final.name, layout=src.layout, role=src.role, quant=quant)
         os.replace(partial, final)
     finally:
