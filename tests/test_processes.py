@@ -251,3 +251,24 @@ def test_a_rerun_removes_what_a_killed_run_left_and_nothing_else(tmp_path):
     assert sorted(removed) == sorted(stale), "each leftover once, not what lies inside it"
     assert not any(p.exists() for p in stale)
     assert all(p.is_file() for p in kept)
+
+
+def test_termination_handlers_are_armed_once_per_process_and_chain_to_the_previous_ones():
+    """A worker serving many runs arms the handlers at each run: they must not pile up, and each hands on to
+    what was there before (Prefect's, or Python's own Ctrl-C)."""
+    import signal as signals
+
+    from mtpress.toolchain.processes import stop_tools_on_termination
+
+    before = {s: signals.getsignal(s) for s in (signals.SIGTERM, signals.SIGINT)}
+    try:
+        stop_tools_on_termination()
+        armed = {s: signals.getsignal(s) for s in before}
+        stop_tools_on_termination()
+        assert {s: signals.getsignal(s) for s in before} == armed
+        assert all(getattr(handler, "stops_tools", False) for handler in armed.values())
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C still interrupts, after stopping the tools
+            armed[signals.SIGINT](signals.SIGINT, None)
+    finally:
+        for signum, handler in before.items():
+            signals.signal(signum, handler)

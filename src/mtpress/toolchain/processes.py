@@ -80,6 +80,8 @@ def stop_tools_on_termination() -> None:
     thread can set handlers; elsewhere this does nothing."""
     for signum in (signal.SIGTERM, signal.SIGINT):
         previous = signal.getsignal(signum)
+        if getattr(previous, "stops_tools", False):  # armed by an earlier run in this process: no chain of them
+            continue
 
         def stop_tools_then(received: int, frame: object, previous: object = previous) -> None:
             stop_all_tools()
@@ -90,6 +92,7 @@ def stop_tools_on_termination() -> None:
                 if previous == signal.SIG_DFL:
                     os.kill(os.getpid(), received)
 
+        stop_tools_then.stops_tools = True  # type: ignore[attr-defined]
         try:
             signal.signal(signum, stop_tools_then)
         except ValueError:
