@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from gguf import GGUFReader
@@ -21,7 +20,7 @@ from mtpress.fsutil import sha256_file
 from mtpress.naming import imatrix_name
 from mtpress.schema import ImatrixSpec
 from mtpress.stages.gguf_files import GgufFile
-from mtpress.stages.quality import run_on_text
+from mtpress.stages.quality import run_on_text, shipped_or_own
 from mtpress.toolchain import LlamaCpp
 
 CALIBRATION_RESOURCE = "data/imatrix_calibration.txt"
@@ -46,10 +45,6 @@ class ImatrixFile:
     llama_cpp: str
 
 
-def calibration_file(spec: ImatrixSpec) -> Path:
-    return spec.calibration or Path(str(resources.files("mtpress").joinpath(CALIBRATION_RESOURCE)))
-
-
 def compute_imatrix(model: GgufFile, head: GgufFile | None, spec: ImatrixSpec, *, name: str, head_block: int,
                     tools: LlamaCpp) -> ImatrixFile:
     """Write ``imatrix-<stem>.gguf`` beside ``model`` (atomically) from the calibration text.
@@ -58,7 +53,8 @@ def compute_imatrix(model: GgufFile, head: GgufFile | None, spec: ImatrixSpec, *
     sequence per batch (``-b`` = ``-c``). Refuses a matrix that misses the head's tensors: llama-quantize would
     then quantize them blind (or, at the types that need one, refuse after the conversion).
     """
-    calibration = calibration_file(spec).resolve()
+    calibration, calibration_name = shipped_or_own(spec.calibration, CALIBRATION_RESOURCE)
+    calibration = calibration.resolve()
     final = model.path.parent / imatrix_name(name)
     partial = final.with_name(f".{final.name}.{os.getpid()}.partial")
     # The imatrix records the text's path as given (imatrix.datasets): run beside the text, so a published
@@ -81,7 +77,6 @@ def compute_imatrix(model: GgufFile, head: GgufFile | None, spec: ImatrixSpec, *
     finally:
         partial.unlink(missing_ok=True)
     return ImatrixFile(path=final, name=final.name, size=final.stat().st_size, sha256=sha256_file(final),
-                       calibration=(f"mtpress/{CALIBRATION_RESOURCE}" if spec.calibration is None
-                                    else spec.calibration.name),
+                       calibration=calibration_name,
                        calibration_sha256=sha256_file(calibration), ctx_size=spec.ctx_size, chunks=spec.chunks,
                        tensors=len(tensors), head_tensors=head_tensors, llama_cpp=tools.version)

@@ -84,8 +84,16 @@ class QualityResult:
                        for q in self.quants]
 
 
+def shipped_or_own(own: Path | None, resource: str) -> tuple[Path, str]:
+    """The text a config names, else the one mtpress ships as ``resource``; and how records name it: a publisher's
+    own by its file name alone (its path is private), the shipped one as ``mtpress/<resource>``."""
+    if own is not None:
+        return own, own.name
+    return Path(str(resources.files("mtpress").joinpath(resource))), f"mtpress/{resource}"
+
+
 def calibration_file(spec: QualitySpec) -> Path:
-    return spec.calibration or Path(str(resources.files("mtpress").joinpath(CALIBRATION_RESOURCE)))
+    return shipped_or_own(spec.calibration, CALIBRATION_RESOURCE)[0]
 
 
 def quality(bf16: GgufFile, quants: list[GgufFile], spec: QualitySpec, tools: LlamaCpp,
@@ -93,7 +101,7 @@ def quality(bf16: GgufFile, quants: list[GgufFile], spec: QualitySpec, tools: Ll
     """Measure each model file in ``quants`` against ``bf16``; the base-logits file is deleted afterwards."""
     if heads := [q.name for q in [bf16, *quants] if q.role == "head"]:
         raise ValueError(f"quality compares model files, not MTP heads: {', '.join(heads)}")
-    calibration = calibration_file(spec)
+    calibration, calibration_name = shipped_or_own(spec.calibration, CALIBRATION_RESOURCE)
     threads = str(spec.threads or os.cpu_count() or 2)
     work_dir.mkdir(parents=True, exist_ok=True)
     base_logits = work_dir / f"{bf16.path.stem}.kld-base.partial"  # a killed run's copy is removed by the rerun
@@ -122,9 +130,7 @@ def quality(bf16: GgufFile, quants: list[GgufFile], spec: QualitySpec, tools: Ll
         notes.append(f"The model is tagged {DEMO_TAG}: a tiny synthetic checkpoint whose perplexity on real text is "
                      "astronomically high; these figures exercise the pipeline and mean nothing for a real model.")
     return QualityResult(base_model=bf16.name, base_ppl=base_ppl,
-                         # A text of the publisher's own is named, not located: its path is private.
-                         calibration=(f"mtpress/{CALIBRATION_RESOURCE}" if spec.calibration is None
-                                      else spec.calibration.name),
+                         calibration=calibration_name,
                          calibration_sha256=sha256_file(calibration), ctx_size=spec.ctx_size, chunks=chunks,
                          tokens_scored=chunks * scored_per_chunk(spec.ctx_size),
                          base_logits_bytes=base_logits_bytes, llama_cpp=tools.version, quants=results,

@@ -34,7 +34,8 @@ SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY", re.IGNORECASE)
 PR_SET_PDEATHSIG = 1
 # Every tool started; one that has ended polls as ended, one no longer referenced drops out.
 _tools: weakref.WeakSet[subprocess.Popen] = weakref.WeakSet()
-_tools_lock = threading.Lock()
+# Reentrant: the termination handler runs on the main thread, which may have been inside ``start`` holding it.
+_tools_lock = threading.RLock()
 
 
 def _prctl() -> Callable[..., int] | None:
@@ -109,7 +110,6 @@ def stop_all_tools() -> int:
         except ProcessLookupError:
             pass
     return len(running)
-
 
 
 def _dies_with(parent: int) -> Callable[[], None] | None:
