@@ -33,11 +33,11 @@ from mtpress.archs import get_arch
 from mtpress.archs.base import ArchSpec
 from mtpress.cache import StageCache
 from mtpress.checkpoint import ModelDir
-from mtpress.errors import SharedStorageError
+from mtpress.errors import ConfigError, SharedStorageError
 from mtpress.fsutil import dir_digest, hold_folder, remove_stale_partials
 from mtpress.hub.client import hub_api
 from mtpress.naming import artifact_key, layout_dir
-from mtpress.schema import ReleaseConfig, Target, load_release_config, release_config_path
+from mtpress.schema import INLINE_CONFIG, ReleaseConfig, Target, load_release_config, release_config_path
 from mtpress.stage_keys import reused_outputs
 from mtpress.stages.inject import InjectResult
 from mtpress.stages.preflight import check_disk_space, check_plan, plan_run, planned_output_bytes
@@ -130,7 +130,11 @@ class Release:
         has_vision = cfg.mmproj and self.arch.has_vision(model.config)
         variants = len(layouts) * (1 + len(cfg.quants))
         benches = len(bench_quants(cfg)) if cfg.bench.enabled and has_head else 0
-        steps = 2 * variants + benches + int(cfg.quality.enabled) + int(has_vision) + int(bool(cfg.imatrix_quants))
+        # Each variant is made and smoke-tested; one at a time (flows/build.py) also splits and commits it, and
+        # measures each quant against BF16 as it goes, after BF16's own run.
+        per_variant, quality = (4, 1 + len(cfg.quants)) if cfg.bounded_disk else (2, 1)
+        steps = (per_variant * variants + benches + quality * int(cfg.quality.enabled) + int(has_vision)
+                 + int(bool(cfg.imatrix_quants)))
         return Build(self, injected, model, digest, has_head, tuple(layouts), has_vision,
                      Progress.start(steps, self.key("progress")))
 
@@ -155,6 +159,12 @@ class Build:
     @property
     def tools(self) -> LlamaCpp:
         return self.release.tools
+
+    def variants(self) -> list[tuple[str, str]]:
+        """Each (layout, quant) the release builds, in the order the manifest lists them: every layout's BF16 files,
+        then each layout's quants."""
+        return [(layout, "BF16") for layout in self.layouts] + [(layout, quant) for layout in self.layouts
+                                                                for quant in self.cfg.quants]
 
     def out_dir(self, layout: str) -> Path:
         """The first layout sits at the repo root, where `-hf user/repo:QUANT` looks; others in a subfolder."""
@@ -232,13 +242,19 @@ def bench_quants(cfg: ReleaseConfig) -> list[str]:
     return [q for q in ("BF16", *cfg.quants) if cfg.bench.quants is None or q in cfg.bench.quants]
 
 
-def open_release(config: str, output: str | None, *, push: bool, dry_run: bool, token_secret: str | None
-                 ) -> Release:
+def open_release(config: str, output: str | None, *, push: bool, dry_run: bool, token_secret: str | None,
+                 bounded_disk: bool | None = None) -> Release:
     """Everything that must hold before any download: fails at once, with nothing half-done."""
     log = get_run_logger()
     stop_tools_on_termination()  # SIGTERM and Ctrl-C stop the tools at once, not after the running task ends
     use_token_from_secret(token_secret)
     cfg = load_release_config(config)  # a path, or the config's own text (as the watcher's event sends it)
+    if bounded_disk is not None:
+        cfg = cfg.model_copy(update={"bounded_disk": bounded_disk})
+    if cfg.bounded_disk and not (push and not dry_run and cfg.gate.enabled):
+        raise ConfigError(str(release_config_path(config) or INLINE_CONFIG), [
+            "bounded_disk commits each finished file to the staging repo and deletes it here: it needs a run that "
+            "publishes, with the gate"], hint="drop --no-push/--dry-run, or build without bounded_disk")
     if push and not dry_run:  # a token that cannot publish there fails now, not after the build
         check_write_access(hub_api(), cfg.target, *([cfg.target.staging] if cfg.gate.enabled else []),
                            *([mlx_target(cfg)] if cfg.mlx else []))

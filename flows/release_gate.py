@@ -23,6 +23,7 @@ from mtpress.schema import ReleaseConfig
 from mtpress.stages.card import render_card, write_card
 from mtpress.stages.gate import GateResult, choose_pairings, gate, pairings_from_manifest
 from mtpress.stages.publish import publish as publish_stage
+from mtpress.stages.publish import stored_elsewhere
 from mtpress.toolchain import LlamaCpp
 
 stage_task = task(publish_stage, name="stage", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[10, 60],
@@ -36,7 +37,8 @@ def stage_and_verify(release_dir: Path, cfg: ReleaseConfig, tools: LlamaCpp, api
     manifest and cards. Raises GateError (nothing promoted) when a client gets something else."""
     log = get_run_logger()
     staging = cfg.target.staging
-    staged = stage_task(release_dir, staging, api, message=f"mtpress: stage {cfg.name} (llama.cpp b{tools.version})")
+    staged = stage_task(release_dir, staging, api, message=f"mtpress: stage {cfg.name} (llama.cpp b{tools.version})",
+                        elsewhere=stored_elsewhere(release_dir))
     log.info("staged %s at commit %s (%s)", staged.repo, staged.commit,
              "new commit" if staged.committed else "unchanged")
     manifest = read_manifest(release_dir)

@@ -27,7 +27,7 @@ from mtpress.stage_keys import convert_key, imatrix_key, quantize_key
 from mtpress.stages import bench, convert, download, imatrix, inject, quality, quantize, smoke
 from mtpress.stages.gguf_files import GgufFile
 from mtpress.stages.imatrix import ImatrixFile
-from mtpress.stages.publish import preupload
+from mtpress.stages.publish import commit_finished, preupload
 from mtpress.stages.split import check_splittable, split_file
 
 inject_task = task(inject.inject, name="inject", cache_policy=NO_CACHE)
@@ -137,15 +137,17 @@ def split_variant(build: Build, layout: str, quant: str, files: list[GgufFile]) 
 
 
 @task(name="bench", task_run_name="bench {quant}", **publish_task_options)
-def bench_variant(build: Build, quant: str, model: GgufFile, head: GgufFile | None) -> bench.BenchResult:
-    """Plain vs draft-mtp speed, holding the machine's bench slot: timings need the machine to themselves."""
+def bench_variant(build: Build, quant: str, files: list[GgufFile]) -> bench.BenchResult:
+    """Plain vs draft-mtp speed of a variant's model (and head), holding the machine's bench slot: timings need the
+    machine to themselves."""
     def measure() -> bench.BenchResult:
         with occupy("bench-gpu"):
             return bench.bench(model, head, build.cfg.bench, build.tools)
 
+    visible(*(f.path for f in files))
+    [(model, head)] = pair_trunks_with_heads(files)
     key = cache_key(model.sha256, head.sha256 if head else None, build.cfg.bench.model_dump(mode="json"),
                     build.tools.version)
-    visible(*(f.path for f in (model, head) if f))
     return build.cached("bench", key, measure)
 
 
@@ -157,3 +159,37 @@ def measure_quality(build: Build, models: list[GgufFile]) -> quality.QualityResu
     key = cache_key([f.sha256 for f in models], build.cfg.quality.model_dump(mode="json"), build.tools.version)
     return build.cached("quality", key, quality.quality, bf16,
                         [f for f in models if f is not bf16], build.cfg.quality, build.tools, build.release.work)
+
+
+# bounded_disk (flows/build.py, one_at_a_time): each quant is measured, committed and deleted as it is made.
+
+@task(name="kld-base", task_run_name="kld-base", **publish_task_options)
+def kld_base_task(build: Build, bf16: list[GgufFile]) -> quality.KldBase:
+    """BF16's perplexity and log-probabilities, which each quant is measured against before it is deleted. Not
+    cached: the log-probabilities are deleted once the last quant is measured."""
+    [model] = [f for f in bf16 if f.role == "model"]
+    visible(model.path)
+    return quality.kld_base(model, build.cfg.quality, build.tools, build.release.work)
+
+
+@task(name="kld", task_run_name="kld {quant}", **publish_task_options)
+def kld_variant(build: Build, quant: str, files: list[GgufFile], base: quality.KldBase) -> quality.QuantQuality:
+    """A quant's perplexity and KL-divergence against BF16, as the quality stage measures it."""
+    [model] = [f for f in files if f.role == "model"]
+    visible(model.path, base.logits)
+    key = cache_key(model.sha256, base.model, build.cfg.quality.model_dump(mode="json"), build.tools.version)
+    return build.cached("kld", key, quality.kld, model, base, build.cfg.quality, build.tools)
+
+
+@task(name="commit", task_run_name="commit {layout}/{quant}", retries=2, retry_delay_seconds=[10, 60],
+      retry_condition_fn=retry_if_transient, **publish_task_options)
+def commit_variant(build: Build, layout: str, quant: str, files: list[GgufFile]) -> list[GgufFile]:
+    """Commit a variant's files (each split one as its parts) to the staging repo, then delete them here: the
+    release's commits plan them from the manifest's sha256 and size (stages/publish.py)."""
+    release = build.release
+    visible(*(path for f in files for path in f.published))
+    commit_finished(files, release.release_dir, release.staging, hub_api(),
+                    message=f"mtpress: {build.cfg.name} {layout}/{quant}, tested (bounded disk)")
+    for path in (path for f in files for path in f.published):
+        path.unlink()
+    return files

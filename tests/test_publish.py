@@ -301,3 +301,71 @@ def test_ggufs_the_release_does_not_list_are_removed_before_they_can_be_publishe
     listed = {"T-Q4_K_M.gguf", "mtp-T-Q4_K_M.gguf", "embedded/T-Q4_K_M.gguf"}
     assert remove_unlisted_ggufs(tmp_path, listed) == ["T-Q3_K_M.gguf", "embedded/T-Q5_K_M.gguf"]
     assert set(release_files(tmp_path)) == listed | {"README.md"}
+
+
+# bounded_disk: each file is committed to staging and deleted here; the release's commits name it by content.
+
+def drop_to_staging(release, api):
+    """What a bounded-disk run does with each finished file: commit it to staging, delete it here."""
+    from mtpress.stages.publish import commit_finished
+
+    ggufs = as_gguf_files(release)
+    sent = commit_finished(ggufs, release, STAGING, api, message="one file, tested")
+    for f in ggufs:
+        f.path.unlink()
+    return {f.name: (f.sha256, f.size) for f in ggufs}, sent
+
+
+def test_files_committed_to_staging_and_deleted_here_reach_staging_and_target_by_content(local_hub, release):
+    api = hub_api()
+    elsewhere, sent = drop_to_staging(release, api)
+    assert sent == sum(size for _, size in elsewhere.values())
+    assert not list(release.rglob("*.gguf"))
+    assert set(elsewhere) <= set(api.list_repo_files(STAGING.repo))  # a commit keeps the bytes on the Hub
+
+    # The staging commit of the release finds them there: unchanged, nothing deleted, nothing sent.
+    plan = plan_publish(release, STAGING, api, elsewhere)
+    assert {f.path: f.status for f in plan.files if f.path.endswith(".gguf")} == dict.fromkeys(elsewhere, "unchanged")
+    staged = publish(release, STAGING, api, message="stage", elsewhere=elsewhere)
+    assert staged.committed and set(elsewhere) <= set(api.list_repo_files(STAGING.repo))
+    # The target gets them in its one commit, by sha256 and size, without a byte of them sent.
+    before = local_hub.bytes_received
+    result = publish(release, TARGET, api, message="release", elsewhere=elsewhere)
+    assert result.committed and result.bytes_uploaded == 0
+    assert local_hub.bytes_received - before < min(size for _, size in elsewhere.values())
+    sha = {s.rfilename: s.lfs.sha256 for s in api.model_info(TARGET.repo, files_metadata=True).siblings if s.lfs}
+    assert sha == {path: sha256 for path, (sha256, _) in elsewhere.items()}
+    # Without them in `elsewhere` the same folder would delete them: the plan depends on it.
+    assert {f.status for f in plan_publish(release, TARGET, api).files if f.path.endswith(".gguf")} == {"deleted"}
+
+
+def test_a_file_gone_from_here_that_the_hub_does_not_hold_is_refused_before_any_commit(local_hub, release):
+    api = hub_api()
+    publish(release, TARGET, api, message="first")
+    head = commits(api)[0]
+    (release / "Model-Q4_K_M.gguf").unlink()
+    never_uploaded = {"Model-Q4_K_M.gguf": ("ab" * 32, 2 * 2**20)}
+    plan = plan_publish(release, TARGET, api, never_uploaded)
+    assert {f.path: f.status for f in plan.files}["Model-Q4_K_M.gguf"] == "changed"
+    with pytest.raises(PublishError, match=r"does not hold Model-Q4_K_M\.gguf, which a bounded-disk run") as error:
+        publish(release, TARGET, api, message="second", elsewhere=never_uploaded)
+    assert "nothing was committed" in str(error.value) and commits(api)[0] == head
+
+
+def test_finished_files_are_never_committed_to_a_public_repo(local_hub, release):
+    from mtpress.stages.publish import commit_finished
+
+    with pytest.raises(PublishError, match="refusing to commit unverified files to .*: it is public"):
+        commit_finished(as_gguf_files(release), release, TARGET, hub_api(), message="x")
+    assert all(f.path.is_file() for f in as_gguf_files(release))
+
+
+def test_a_file_already_in_staging_is_not_committed_again(local_hub, release):
+    api = hub_api()
+    from mtpress.stages.publish import commit_finished
+
+    ggufs = as_gguf_files(release)
+    commit_finished(ggufs, release, STAGING, api, message="first")
+    head = api.repo_info(STAGING.repo).sha
+    assert commit_finished(ggufs, release, STAGING, api, message="again") == 0
+    assert api.repo_info(STAGING.repo).sha == head

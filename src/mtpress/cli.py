@@ -34,6 +34,9 @@ def publish(config: ConfigArg,
             dry_run: Annotated[bool, typer.Option(help="print the publish plan, commit nothing")] = False,
             token_secret: Annotated[str | None, typer.Option(
                 help="name of a Prefect Secret block holding the Hub token, used when HF_TOKEN is unset")] = None,
+            bounded_disk: Annotated[bool | None, typer.Option(
+                help="build one file at a time, each committed to the staging repo and deleted here once it passes, "
+                     "for a disk smaller than the release (default: the config's bounded_disk)")] = None,
             debug: Annotated[bool, typer.Option(help="also print the tracebacks of mtpress's own errors (the "
                                                      "Prefect UI's logs always keep them)")] = False,
             ) -> None:
@@ -51,7 +54,7 @@ def publish(config: ConfigArg,
         show_own_errors_once()
     with prefect_api():  # without PREFECT_API_URL, a Prefect server that ends with this process, kill -9 included
         release = publish_flow(str(config))(str(config), str(output) if output else None, push=push,
-                                            dry_run=dry_run, token_secret=token_secret)
+                                            dry_run=dry_run, token_secret=token_secret, bounded_disk=bounded_disk)
     typer.echo(f"release folder: {release}")
 
 

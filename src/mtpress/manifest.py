@@ -224,8 +224,13 @@ class Manifest(_Document):
     def sha256_by_path(self) -> dict[str, str]:
         """Each file's sha256 by its path in the repo (each part's, for a split file): what a download of the release
         must reproduce."""
-        published = dict(path_sha for f in self.files for path_sha in f.published)
-        return published | ({self.imatrix.path: self.imatrix.sha256} if self.imatrix else {})
+        return {path: sha256 for path, (sha256, _) in self.content_by_path().items()}
+
+    def content_by_path(self) -> dict[str, tuple[str, int]]:
+        """(sha256, size) of each file the repo holds for the release, by its path (each part of a split one)."""
+        listed = {path: (sha256, size) for f in self.files for path, sha256, size
+                  in ([(p.path, p.sha256, p.size) for p in f.parts] or [(f.path, f.sha256, f.size)])}
+        return listed | ({self.imatrix.path: (self.imatrix.sha256, self.imatrix.size)} if self.imatrix else {})
 
 
 class PackManifest(_Document):

@@ -314,6 +314,11 @@ class ReleaseConfig(StrictModel):
     gate: GateSpec = GateSpec()
     mlx: MlxSpec | None = None  # the MTPLX pack for Apple Silicon, published to its own repo; absent: none
     cluster: ClusterSpec = ClusterSpec()  # a Dask cluster for the quant matrix; absent: this machine
+    # For a disk smaller than the release: each file is measured, committed to the staging repo and deleted here
+    # before the next is made, one layout's BF16 kept until its last quant (flows/bounded.py). Same files,
+    # manifest and card; slower, since nothing overlaps.
+    bounded_disk: bool = Field(default=False, description="build one file at a time, each committed to the "
+                               "staging repo and deleted here once it passes (needs the gate)")
 
     @property
     def imatrix_quants(self) -> tuple[str, ...]:
@@ -369,6 +374,13 @@ class ReleaseConfig(StrictModel):
         if self.head.source != "copy" and not arch.head_trainable:
             raise ValueError(f"head.source: {self.head.source} needs a trainable head; mtpress cannot re-align a "
                              f"{self.arch} head yet; use `source: copy`")
+        return self
+
+    @model_validator(mode="after")
+    def _bounded_disk_has_somewhere_to_go(self) -> ReleaseConfig:
+        if self.bounded_disk and not self.gate.enabled:
+            raise ValueError("bounded_disk commits each finished file to the staging repo the gate verifies, then "
+                             "deletes it here: it needs `gate: {enabled: true}`")
         return self
 
     @model_validator(mode="after")

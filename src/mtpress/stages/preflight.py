@@ -91,9 +91,10 @@ def _gguf_sizes(tensors: list[TensorInfo], arch: ArchSpec, config: dict, cfg: Re
 
 def planned_output_bytes(model: ModelDir, arch: ArchSpec, cfg: ReleaseConfig,
                          reused: Collection[tuple[str, str]] = ()) -> int:
-    """The GGUF bytes a release writes from a downloaded checkpoint; ``reused`` names the (layout, quant) outputs
-    a rerun takes from the stage cache: they write nothing."""
-    return sum(_gguf_sizes(list(model.tensors.values()), arch, model.config, cfg, reused).values())
+    """The GGUF bytes a release writes from a downloaded checkpoint (at most at once, with bounded_disk);
+    ``reused`` names the (layout, quant) outputs a rerun takes from the stage cache: they write nothing."""
+    sizes = _gguf_sizes(list(model.tensors.values()), arch, model.config, cfg, reused)
+    return bounded_peak(sizes) if cfg.bounded_disk and sizes else sum(sizes.values())
 
 
 def _source_tensors(source: Source) -> tuple[list[TensorInfo], dict, bool]:
@@ -125,10 +126,15 @@ class RunPlan:
     gate: int
     convert_memory: int
     quantize_memory: int
+    bounded: bool = False  # bounded_disk: the GGUFs are here one layout's BF16 and one quant at a time
 
     @property
     def disk(self) -> int:
-        return self.download + self.injected + sum(self.ggufs.values()) + self.mmproj + self.gate
+        return self.download + self.injected + self.gguf_peak + self.mmproj + self.gate
+
+    @property
+    def gguf_peak(self) -> int:
+        return bounded_peak(self.ggufs) if self.bounded else sum(self.ggufs.values())
 
     @property
     def memory(self) -> int:
@@ -139,9 +145,18 @@ class RunPlan:
         for (_, quant), size in self.ggufs.items():
             per_quant[quant] = per_quant.get(quant, 0) + size
         quants = ", ".join(f"{q} {s / GiB:.2f}" for q, s in per_quant.items())
-        return (f"download {self.download / GiB:.2f} GiB, injected head {self.injected / GiB:.2f}, GGUFs "
-                f"{sum(self.ggufs.values()) / GiB:.2f} ({quants}, all layouts), mmproj {self.mmproj / GiB:.2f}, "
-                f"gate's download {self.gate / GiB:.2f}")
+        ggufs = (f"at most {self.gguf_peak / GiB:.2f} at once (bounded disk: one layout's BF16 and one quant; all: "
+                 if self.bounded else f"{self.gguf_peak / GiB:.2f} (")
+        return (f"download {self.download / GiB:.2f} GiB, injected head {self.injected / GiB:.2f}, GGUFs {ggufs}"
+                f"{quants}, all layouts), mmproj {self.mmproj / GiB:.2f}, gate's download {self.gate / GiB:.2f}")
+
+
+def bounded_peak(ggufs: dict[tuple[str, str], int]) -> int:
+    """The most GGUF bytes a bounded-disk run holds at once: a layout's BF16 files and its largest quant's (a file
+    over the Hub's limit is split beside itself before it is committed: that copy is left to the margin)."""
+    return max(ggufs.get((layout, "BF16"), 0) + max((size for (other, quant), size in ggufs.items()
+                                                      if other == layout and quant != "BF16"), default=0)
+               for layout, _ in ggufs)
 
 
 def plan_run(cfg: ReleaseConfig, arch: ArchSpec, *, converter_patched: bool = True, gate: bool = True) -> RunPlan:
@@ -173,7 +188,7 @@ def plan_run(cfg: ReleaseConfig, arch: ArchSpec, *, converter_patched: bool = Tr
                 default=0)
     return RunPlan(download, injected, ggufs, mmproj, gate_bytes, convert_memory=CONVERTER_BASE + 8 * whole,
                    quantize_memory=QUANTIZE_BASE + int(largest * (4 + max(
-                       (max(BITS_PER_WEIGHT[q]) for q in cfg.quants), default=0) / 8)))
+                       (max(BITS_PER_WEIGHT[q]) for q in cfg.quants), default=0) / 8)), bounded=cfg.bounded_disk)
 
 
 def available_memory() -> int:
@@ -184,8 +199,8 @@ def available_memory() -> int:
     raise OSError("/proc/meminfo has no MemAvailable")
 
 
-TRIM = ("trim `quants:` or `layouts:` in the config, turn off the gate (`gate: {enabled: false}`), or choose "
-        "--output on a bigger disk")
+TRIM = ("trim `quants:` or `layouts:` in the config, turn off the gate (`gate: {enabled: false}`), build one file "
+        "at a time (`bounded_disk: true`, or --bounded-disk), or choose --output on a bigger disk")
 
 
 def check_plan(plan: RunPlan, release_dir: Path, *, held: Collection[Path] = (), free: int | None = None,

@@ -5,6 +5,10 @@ release no longer has are deleted, unchanged files are skipped by comparing cont
 ids with the remote (sha256 for LFS files, the git blob id for small ones). A run
 with nothing changed makes no commit.
 
+A release file that is not in the folder (``elsewhere``: committed to the staging repo and deleted here by a
+bounded-disk run, flows/build.py) is planned by the manifest's sha256 and size, and committed as content the Hub
+already stores, which it must then hold (``commit_finished`` put it there).
+
 The commit names the head it was planned on: when another writer moves the branch in between, the Hub answers
 412, nothing is committed and the run ends (PublishConflictError, never retried: a new plan would delete what
 they added). A public target is created private and opened by the step after its commit landed, so no failure
@@ -14,7 +18,7 @@ leaves an empty public repo. ``check_write_access`` refuses a token that cannot 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,10 +26,11 @@ from typing import Literal
 import httpx2
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
-from huggingface_hub.lfs import post_lfs_batch_info
+from huggingface_hub.lfs import UploadInfo, post_lfs_batch_info
 
 from mtpress.errors import PublishConflictError, PublishError
 from mtpress.fsutil import HASH_CHUNK, sha256_file
+from mtpress.manifest import read_manifest
 from mtpress.schema import Target
 from mtpress.stages.gguf_files import GgufFile
 
@@ -87,25 +92,38 @@ def remove_unlisted_ggufs(release_dir: Path, listed: set[str]) -> list[str]:
     return unlisted
 
 
-def plan_publish(release_dir: Path, target: Target, api: HfApi) -> PublishPlan:
-    local = release_files(release_dir)
+def stored_elsewhere(release_dir: Path) -> dict[str, tuple[str, int]]:
+    """(sha256, size) by repo path of each file the release's manifest lists that is not in the folder: committed
+    to the staging repo and deleted here by a bounded-disk run. What ``publish`` takes as ``elsewhere``."""
+    return {path: content for path, content in read_manifest(release_dir).content_by_path().items()
+            if not (release_dir / path).is_file()}
+
+
+def plan_publish(release_dir: Path, target: Target, api: HfApi,
+                 elsewhere: Mapping[str, tuple[str, int]] | None = None) -> PublishPlan:
+    """``elsewhere``: files of the release not in the folder, by repo path: (sha256, size) of bytes the Hub holds."""
+    local, elsewhere = release_files(release_dir), elsewhere or {}
+    sizes = {p: f.stat().st_size for p, f in local.items()} | {p: size for p, (_, size) in elsewhere.items()}
     try:
         info = api.model_info(target.repo, files_metadata=True)
     except RepositoryNotFoundError:
-        return PublishPlan(target.repo, None, tuple(PlannedFile(p, f.stat().st_size, "new") for p, f in local.items()))
+        return PublishPlan(target.repo, None, tuple(PlannedFile(p, size, "new") for p, size in sizes.items()))
     remote = {s.rfilename: s for s in info.siblings or []}
     planned = []
-    for repo_path, path in local.items():
+    for repo_path, size in sizes.items():
         sibling = remote.get(repo_path)
         if sibling is None:
             status: Status = "new"
+        elif repo_path in elsewhere:
+            status = "unchanged" if sibling.lfs is not None and sibling.lfs.sha256 == elsewhere[repo_path][0] \
+                else "changed"
         elif sibling.lfs is not None:
-            status = "unchanged" if sibling.lfs.sha256 == sha256_file(path) else "changed"
+            status = "unchanged" if sibling.lfs.sha256 == sha256_file(local[repo_path]) else "changed"
         else:
-            status = "unchanged" if sibling.blob_id == _git_blob_id(path) else "changed"
-        planned.append(PlannedFile(repo_path, path.stat().st_size, status))
+            status = "unchanged" if sibling.blob_id == _git_blob_id(local[repo_path]) else "changed"
+        planned.append(PlannedFile(repo_path, size, status))
     planned += [PlannedFile(name, s.size or 0, "deleted") for name, s in remote.items()
-                if name not in local and name not in KEEP_REMOTE]
+                if name not in sizes and name not in KEEP_REMOTE]
     return PublishPlan(target.repo, info.sha, tuple(planned), bool(info.private))
 
 
@@ -127,24 +145,28 @@ def check_write_access(api: HfApi, *targets: Target) -> None:
                                 "may write there; nothing was built or published")
 
 
-def publish(release_dir: Path, target: Target, api: HfApi, *, message: str, dry_run: bool = False) -> PublishResult:
+def publish(release_dir: Path, target: Target, api: HfApi, *, message: str, dry_run: bool = False,
+            elsewhere: Mapping[str, tuple[str, int]] | None = None) -> PublishResult:
     """Make ``target.repo`` match ``release_dir`` in one commit; raise PublishError with nothing committed (or,
     when only opening the repo failed, naming the commit that landed).
 
     A public target is made public only once its release is in it. One found private here is the leftover of a
     run stopped between its commit and that step, and is opened after this commit (or at once if nothing changed).
+    ``elsewhere``: files of the release that are not in the folder (``stored_elsewhere``), committed by content.
     """
+    elsewhere = elsewhere or {}
     _require_token(api, target.repo)
     url = f"{api.endpoint}/{target.repo}"
     try:
-        plan = plan_publish(release_dir, target, api)
+        plan = plan_publish(release_dir, target, api, elsewhere)
         commit, sent = plan.parent_commit, 0
         if not dry_run and plan.changes:
             if plan.parent_commit is None:
                 api.create_repo(target.repo, private=True, exist_ok=True)
-                plan = plan_publish(release_dir, target, api)
+                plan = plan_publish(release_dir, target, api, elsewhere)
             local = release_files(release_dir)
-            additions = [_addition(f.path, local[f.path]) for f in plan.changes if f.status in ("new", "changed")]
+            additions = [_addition(f.path, local[f.path]) if f.path in local else _stored(f.path, *elsewhere[f.path])
+                         for f in plan.changes if f.status in ("new", "changed")]
             sent = _bytes_to_send(api, target.repo, additions)
             deletions = [CommitOperationDelete(path_in_repo=f.path) for f in plan.changes if f.status == "deleted"]
             commit = api.create_commit(target.repo, [*additions, *deletions], commit_message=message,
@@ -192,6 +214,31 @@ def preupload(files: Sequence[GgufFile], release_dir: Path, target: Target, api:
     return sum(f.size for f in missing)
 
 
+def commit_finished(files: Sequence[GgufFile], release_dir: Path, target: Target, api: HfApi, *, message: str
+                    ) -> int:
+    """Commit finished files to the private ``target.repo`` (the staging repo) now, so a bounded-disk run may delete
+    them here: a commit keeps their bytes on the Hub, where an upload no commit names may not stay. Each split file
+    goes as its parts; files the repo holds with the same sha256 are skipped. Returns the bytes sent."""
+    if not target.private:
+        raise PublishError(f"refusing to commit unverified files to {target.repo}: it is public",
+                           hint="commit finished files only to the private staging repo")
+    published = {path.relative_to(release_dir).as_posix(): path for f in files for path in f.published}
+    try:
+        api.create_repo(target.repo, private=True, exist_ok=True)
+        info = api.model_info(target.repo, files_metadata=True)
+        remote = {s.rfilename: s.lfs.sha256 for s in info.siblings or [] if s.lfs is not None}
+        additions = [_addition(repo_path, path) for repo_path, path in published.items()
+                     if remote.get(repo_path) != sha256_file(path)]
+        if not additions:
+            return 0
+        sent = _bytes_to_send(api, target.repo, additions)
+        api.create_commit(target.repo, additions, commit_message=message, parent_commit=info.sha)
+    except HfHubHTTPError as e:
+        raise PublishError(f"committing {', '.join(published)} to {target.repo} failed: {_first_line(e)}",
+                           hint="nothing of it was deleted here; rerun to retry") from e
+    return sent
+
+
 def _require_token(api: HfApi, repo: str) -> None:
     if not api.token:
         raise PublishError(f"no Hub token to publish {repo} with",
@@ -204,15 +251,31 @@ def _addition(repo_path: str, path: Path) -> CommitOperationAdd:
     return operation
 
 
+def _stored(repo_path: str, sha256: str, size: int) -> CommitOperationAdd:
+    """A file whose bytes are not here but on the Hub: the operation in the state huggingface_hub leaves one in
+    after ``preupload_lfs_files(free_memory=True)`` (content dropped, uploaded), which its ``create_commit`` then
+    commits by sha256 and size alone."""
+    operation = CommitOperationAdd(path_in_repo=repo_path, path_or_fileobj=b"")
+    operation.upload_info = UploadInfo(sha256=bytes.fromhex(sha256), size=size, sample=b"")
+    operation._upload_mode, operation._is_uploaded = "lfs", True
+    return operation
+
+
 def _bytes_to_send(api: HfApi, repo: str, additions: list[CommitOperationAdd]) -> int:
     """What the commit will send: every added file except those whose content the Hub already stores (pre-uploaded
     to this repo, or the same bytes elsewhere), which its LFS batch endpoint answers without an upload action.
-    A small text file travels inside the commit even when the Hub has its bytes: such a file is not counted."""
+    A small text file travels inside the commit even when the Hub has its bytes: such a file is not counted.
+    Raises PublishError, before anything is committed, when the Hub lacks a file that is no longer here."""
     if not additions:
         return 0
     answers, _, _ = post_lfs_batch_info([a.upload_info for a in additions], token=api.token, repo_type="model",
                                         repo_id=repo, endpoint=api.endpoint)
     missing = {answer["oid"] for answer in answers if answer.get("actions")}
+    if lost := [a.path_in_repo for a in additions if a._is_uploaded and a.upload_info.sha256.hex() in missing]:
+        raise PublishError(f"{repo}: the Hub at {api.endpoint} does not hold {', '.join(lost)}, which a bounded-disk "
+                           "run committed to the staging repo and deleted here; nothing was committed",
+                           hint="rerun without bounded_disk to rebuild them here, or copy them from the staging "
+                                "repo into the release folder and rerun")
     return sum(a.upload_info.size for a in additions if a.upload_info.sha256.hex() in missing)
 
 

@@ -96,45 +96,90 @@ def calibration_file(spec: QualitySpec) -> Path:
     return shipped_or_own(spec.calibration, CALIBRATION_RESOURCE)[0]
 
 
+@dataclass(frozen=True)
+class KldBase:
+    """BF16's run over the calibration text: its perplexity, and the log-probabilities each quant is compared with
+    (``logits``, deleted by ``summarise``)."""
+
+    model: str
+    logits: Path
+    ppl: Estimate
+    chunks: int
+    logits_bytes: int
+    demo: bool  # the model is tagged DEMO_TAG
+
+
 def quality(bf16: GgufFile, quants: list[GgufFile], spec: QualitySpec, tools: LlamaCpp,
             work_dir: Path) -> QualityResult:
     """Measure each model file in ``quants`` against ``bf16``; the base-logits file is deleted afterwards."""
-    if heads := [q.name for q in [bf16, *quants] if q.role == "head"]:
-        raise ValueError(f"quality compares model files, not MTP heads: {', '.join(heads)}")
-    calibration, calibration_name = shipped_or_own(spec.calibration, CALIBRATION_RESOURCE)
-    threads = str(spec.threads or os.cpu_count() or 2)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    base_logits = work_dir / f"{bf16.path.stem}.kld-base.partial"  # a killed run's copy is removed by the rerun
-    # One sequence per batch (-b = -c): the default batch of 2048 would hold 16 sequences of logits at once,
-    # 2 GB at a 248k vocabulary.
-    window = ["-c", str(spec.ctx_size), "-b", str(spec.ctx_size), "-t", threads]
-    perplexity = tools.tool("llama-perplexity")
-    on_text = {"timeout": spec.timeout_s, "text": calibration, "ctx_key": "quality.ctx_size"}
+    _check_models([bf16, *quants])
+    base = kld_base(bf16, spec, tools, work_dir)
     try:
-        base_output = run_on_text([perplexity, "-m", bf16.path, "-f", calibration, "--chunks", str(spec.chunks),
-                                   "--kl-divergence-base", base_logits, *window], **on_text)
-        base_ppl, chunks = parse_base_run(base_output)
-        _check_enough_text(chunks, spec, calibration)
-        base_logits_bytes = base_logits.stat().st_size
-        results = tuple(
-            parse_kl_run(run_on_text([perplexity, "-m", q.path, "--kl-divergence-base", base_logits, "--kl-divergence",
-                                      *window], **on_text), q)
-            for q in quants)
+        results = [kld(q, base, spec, tools) for q in quants]
     finally:
-        base_logits.unlink(missing_ok=True)
+        base.logits.unlink(missing_ok=True)
+    return summarise(base, results, spec, tools)
+
+
+def kld_base(bf16: GgufFile, spec: QualitySpec, tools: LlamaCpp, work_dir: Path) -> KldBase:
+    """BF16's perplexity and its log-probabilities, in ``work_dir`` until ``summarise`` (or the end of ``quality``)
+    deletes them: a bounded-disk run measures each quant as it is made, and keeps only this file."""
+    _check_models([bf16])
+    calibration = calibration_file(spec)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    logits = work_dir / f"{bf16.path.stem}.kld-base.partial"  # a killed run's copy is removed by the rerun
+    try:
+        output = run_on_text([tools.tool("llama-perplexity"), "-m", bf16.path, "-f", calibration, "--chunks",
+                              str(spec.chunks), "--kl-divergence-base", logits, *_window(spec)],
+                             **_on_text(spec, calibration))
+        ppl, chunks = parse_base_run(output)
+        _check_enough_text(chunks, spec, calibration)
+    except BaseException:
+        logits.unlink(missing_ok=True)
+        raise
+    demo = DEMO_TAG in gguf_metadata(bf16.path, ("general.tags",)).get("general.tags", ())
+    return KldBase(bf16.name, logits, ppl, chunks, logits.stat().st_size, demo)
+
+
+def kld(quant: GgufFile, base: KldBase, spec: QualitySpec, tools: LlamaCpp) -> QuantQuality:
+    """One model file's perplexity and KL-divergence against BF16's log-probabilities."""
+    _check_models([quant])
+    output = run_on_text([tools.tool("llama-perplexity"), "-m", quant.path, "--kl-divergence-base", base.logits,
+                          "--kl-divergence", *_window(spec)], **_on_text(spec, calibration_file(spec)))
+    return parse_kl_run(output, quant)
+
+
+def summarise(base: KldBase, quants: list[QuantQuality], spec: QualitySpec, tools: LlamaCpp) -> QualityResult:
+    """The quality stage's result from the base run and each quant's; deletes the base's log-probabilities."""
+    base.logits.unlink(missing_ok=True)
+    calibration, calibration_name = shipped_or_own(spec.calibration, CALIBRATION_RESOURCE)
     notes = ["KL-divergence compares each quant's token distributions with BF16's over the second half of each "
-             f"{spec.ctx_size}-token chunk ({chunks} chunks). llama-perplexity stores BF16's log-probabilities in 16 "
-             "bits, floored at 16 nats below the top token's: statistics printed as PPL(base) come from that copy, "
-             "while base_ppl is BF16's own."]
-    if DEMO_TAG in gguf_metadata(bf16.path, ("general.tags",)).get("general.tags", ()):
+             f"{spec.ctx_size}-token chunk ({base.chunks} chunks). llama-perplexity stores BF16's log-probabilities "
+             "in 16 bits, floored at 16 nats below the top token's: statistics printed as PPL(base) come from that "
+             "copy, while base_ppl is BF16's own."]
+    if base.demo:
         notes.append(f"The model is tagged {DEMO_TAG}: a tiny synthetic checkpoint whose perplexity on real text is "
                      "astronomically high; these figures exercise the pipeline and mean nothing for a real model.")
-    return QualityResult(base_model=bf16.name, base_ppl=base_ppl,
-                         calibration=calibration_name,
-                         calibration_sha256=sha256_file(calibration), ctx_size=spec.ctx_size, chunks=chunks,
-                         tokens_scored=chunks * scored_per_chunk(spec.ctx_size),
-                         base_logits_bytes=base_logits_bytes, llama_cpp=tools.version, quants=results,
+    return QualityResult(base_model=base.model, base_ppl=base.ppl, calibration=calibration_name,
+                         calibration_sha256=sha256_file(calibration), ctx_size=spec.ctx_size, chunks=base.chunks,
+                         tokens_scored=base.chunks * scored_per_chunk(spec.ctx_size),
+                         base_logits_bytes=base.logits_bytes, llama_cpp=tools.version, quants=tuple(quants),
                          notes=tuple(notes))
+
+
+def _check_models(files: list[GgufFile]) -> None:
+    if heads := [f.name for f in files if f.role == "head"]:
+        raise ValueError(f"quality compares model files, not MTP heads: {', '.join(heads)}")
+
+
+def _window(spec: QualitySpec) -> list[str]:
+    # One sequence per batch (-b = -c): the default batch of 2048 would hold 16 sequences of logits at once,
+    # 2 GB at a 248k vocabulary.
+    return ["-c", str(spec.ctx_size), "-b", str(spec.ctx_size), "-t", str(spec.threads or os.cpu_count() or 2)]
+
+
+def _on_text(spec: QualitySpec, calibration: Path) -> dict[str, Any]:
+    return {"timeout": spec.timeout_s, "text": calibration, "ctx_key": "quality.ctx_size"}
 
 
 def _check_enough_text(chunks: int, spec: QualitySpec, calibration: Path) -> None:
