@@ -109,6 +109,7 @@ def one_at_a_time(build: Build, mmproj: PrefectFuture | None) -> Built:
                 klds.append(lane.submit(kld_variant, build, quant, made[quant], base))
             split = lane.submit(split_variant, build, layout, quant, made[quant])
             committed[layout, quant] = lane.submit(commit_variant, build, layout, quant, split)
+    settle(lane.futures)  # the first failure, not the tasks left pending behind it
     made = dict(zip(committed, settle(list(committed.values()))))
     files = [f for variant in build.variants() for f in made[variant]]
     [imatrix, base] = settle([matrix, base])

@@ -178,7 +178,7 @@ def kld_variant(build: Build, quant: str, files: list[GgufFile], base: quality.K
     [model] = [f for f in files if f.role == "model"]
     visible(model.path, base.logits)
     key = cache_key(model.sha256, base.model, build.cfg.quality.model_dump(mode="json"), build.tools.version)
-    return build.cached("kld", key, quality.kld, model, base, build.cfg.quality, build.tools)
+    return build.cached("quality", key, quality.kld, model, base, build.cfg.quality, build.tools)
 
 
 @task(name="commit", task_run_name="commit {layout}/{quant}", retries=2, retry_delay_seconds=[10, 60],

@@ -2,6 +2,8 @@
 
     .venv/bin/python scripts/benchmark.py --size demo            # 137M parameters (274 MB), minutes
     .venv/bin/python scripts/benchmark.py --size both --quants Q4_K_M   # + 868M (1.7 GB), generated once
+    .venv/bin/python scripts/benchmark.py --size demo --modes normal bounded   # peak disk of each disk mode
+    .venv/bin/python scripts/benchmark.py --size 9b --layers 4 --modes normal bounded   # docs/rehearsal-9b.md
 
 For each size it runs, each as a measured process tree:
   (a) the hand recipe as the seed cards describe it: download both repos, merge the head by loading and
@@ -102,6 +104,7 @@ class Usage:
     written: int
     uploaded: int
     peak_disk: int = 0  # highest stored_bytes of the ``disk`` folders given to measure(); 0 when none
+    peak_own: int = 0  # the same of the ``own`` folders alone: the publisher's, without the pair and the local Hub
     # Per program of the tree (convert, quantize, llama-server, the rest): peak RssAnon and CPU seconds.
     programs: dict | None = None
 
@@ -169,10 +172,10 @@ def cpu_ticks(pid: int) -> int:
 class TreeSampler(threading.Thread):
     """Samples a process tree every SAMPLE_S seconds until stopped: peak memory, per program too, and disk."""
 
-    def __init__(self, root: int, disk: tuple[Path, ...] = ()) -> None:
+    def __init__(self, root: int, disk: tuple[Path, ...] = (), own: tuple[Path, ...] = ()) -> None:
         super().__init__(daemon=True)
-        self.root, self.disk = root, disk
-        self.peak_rss = self.peak_anon = self.peak_disk = self.samples = 0
+        self.root, self.disk, self.own = root, disk, own
+        self.peak_rss = self.peak_anon = self.peak_disk = self.peak_own = self.samples = 0
         self.program_anon: dict[str, int] = {}
         self.last_ticks: dict[int, tuple[str, int]] = {}  # pid → (program, last CPU ticks seen)
         self._done = threading.Event()
@@ -190,7 +193,9 @@ class TreeSampler(threading.Thread):
         for program, value in anon.items():
             self.program_anon[program] = max(self.program_anon.get(program, 0), value)
         if self.disk and self.samples % DISK_EVERY == 0:
-            self.peak_disk = max(self.peak_disk, sum(stored_bytes(folder) for folder in self.disk if folder.exists()))
+            stored = {folder: stored_bytes(folder) for folder in self.disk if folder.exists()}
+            self.peak_disk = max(self.peak_disk, sum(stored.values()))
+            self.peak_own = max(self.peak_own, sum(stored.get(folder, 0) for folder in self.own))
         self.samples += 1
 
     def programs(self) -> dict:
@@ -211,10 +216,11 @@ class TreeSampler(threading.Thread):
 
 
 def measure(argv: list[str], *, log: Path, env: dict[str, str] | None = None, hub=None,
-            cwd: Path = ROOT, disk: tuple[Path, ...] = ()) -> Usage:
+            cwd: Path = ROOT, disk: tuple[Path, ...] = (), own: tuple[Path, ...] = ()) -> Usage:
     """Run ``argv`` to completion as a measured process tree; its output goes to ``log``.
 
-    ``disk``: folders whose stored bytes are sampled for the peak (every DISK_EVERY samples).
+    ``disk``: folders whose stored bytes are sampled for the peak (every DISK_EVERY samples); ``own``: those of
+    them that are the publisher's machine's (their peak is also reported alone).
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     report = log.with_suffix(".usage.json")
@@ -223,7 +229,7 @@ def measure(argv: list[str], *, log: Path, env: dict[str, str] | None = None, hu
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-c", WRAPPER, str(report), *argv], stdout=out,
                                 stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd)
-        sampler = TreeSampler(proc.pid, disk)
+        sampler = TreeSampler(proc.pid, disk, own)
         sampler.start()
         rc = proc.wait()
         sampler.stop()
@@ -235,6 +241,7 @@ def measure(argv: list[str], *, log: Path, env: dict[str, str] | None = None, hu
     return Usage(wall_s=round(wall, 1), cpu_s=round(result["cpu_s"], 1), peak_rss=sampler.peak_rss,
                  peak_anon=sampler.peak_anon, written=result["io"]["write_bytes"],
                  uploaded=(hub.bytes_received - received) if hub else 0, peak_disk=sampler.peak_disk,
+                 peak_own=sampler.peak_own,
                  programs=sampler.programs())
 
 
@@ -395,69 +402,98 @@ def bench_size(size: str, quants: list[str] | None, work: Path, code: dict[str, 
             "stage_seconds": json.loads((release / "manifest.json").read_text(encoding="utf-8"))["stage_seconds"]}
 
 
-def bench_rehearsal(layers: int, quants: list[str], work: Path) -> dict:
-    """The 9B-shaped rehearsal (demo/rehearsal.py) at ``layers`` layers: generate, then one cold ``mtpress publish``.
-
-    Sidecar layout only (the disk allows one), bench and quality off; smoke and release gate run as always.
-    Peak disk counts the pair, the local Hub's storage and the release's work and output folders together.
-    """
-    from huggingface_hub import HfApi
-
-    from mtpress.demo.rehearsal import BASE_REPO_ID, FINETUNE_REPO_ID
-    from mtpress.hub.server import LocalHub
-
+def bench_rehearsal(layers: int, quants: list[str], work: Path, modes: list[str]) -> dict:
+    """The 9B-shaped rehearsal (demo/rehearsal.py) at ``layers`` layers: generate, then one cold ``mtpress publish``
+    per disk mode (sidecar layout only, bench and quality off; smoke and release gate run as always)."""
     logs = ROOT / "releases" / "benchmark-logs"
     models, label = work / "models", f"9b-{layers}"
     print(f"\n== 9b × {layers} layers: generating the rehearsal pair", flush=True)
     generator = ("import sys; from pathlib import Path; from mtpress.demo.rehearsal import rehearsal_spec, "
                  "write_rehearsal_pair; write_rehearsal_pair(Path(sys.argv[1]), rehearsal_spec(int(sys.argv[2])))")
-    runs = {"generate": measure([sys.executable, "-c", generator, str(models), str(layers)],
-                                log=logs / f"{label}-generate.log", disk=(models,))}
+    generated = measure([sys.executable, "-c", generator, str(models), str(layers)],
+                        log=logs / f"{label}-generate.log", disk=(models,))
     [pair] = models.iterdir()
-    base, finetune = pair / "base", pair / "finetune"
-    name = f"Qwen3.5-9B-Rehearsal-{layers}L-FT-MTP"
-    with LocalHub(work / "hub", tokens={TOKEN}) as hub:
-        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "PREFECT_HOME": str(work / "prefect"),
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "HF_HOME": str(work / "mtpress" / "hf_home")}
-        subprocess.run([sys.executable, "-c", "from prefect import flow; flow(lambda: None)()"], check=True,
-                       env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        api = HfApi(endpoint=hub.url, token=TOKEN)
-        start = time.monotonic()
-        for repo, folder in ((BASE_REPO_ID, base), (FINETUNE_REPO_ID, finetune)):
-            api.create_repo(repo, exist_ok=True)
-            api.upload_folder(repo_id=repo, folder_path=folder, commit_message="Upload checkpoint")
-        seed_s = time.monotonic() - start
-        config = release_config(work / f"{name}.yaml", name=name, finetune=FINETUNE_REPO_ID, donor=BASE_REPO_ID,
-                                target=f"mtpress-bench/{name}-GGUF", quants=quants, layouts=["sidecar"])
-        release = work / "mtpress" / name
-        print(f"== 9b × {layers} layers: mtpress publish, cold", flush=True)
-        runs["publish"] = measure([str(ROOT / ".venv" / "bin" / "mtpress"), "publish", str(config), "--output",
-                                   str(release)], log=logs / f"{label}-publish.log", hub=hub,
-                                  env=env, disk=(models, work / "hub", work / "mtpress"))
-        downloaded = stored_bytes(work / "mtpress" / f".work-{name}" / "hub-cache")
-        bf16, quantized = gguf_bytes(work / "mtpress")
-        manifest = json.loads((release / "manifest.json").read_text(encoding="utf-8"))
-    return {"size": "9b", "layers": layers, "quants": quants, "model_bytes": stored_bytes(pair),
-            "seed_hub_s": round(seed_s, 1), "downloaded": downloaded, "bf16": bf16, "quantized": quantized,
-            "runs": {k: asdict(v) for k, v in runs.items()}, "stage_seconds": manifest["stage_seconds"]}
+    from mtpress.demo.rehearsal import BASE_REPO_ID, FINETUNE_REPO_ID
+
+    result = bench_modes(f"9b × {layers} layers", pair / "base", pair / "finetune", BASE_REPO_ID, FINETUNE_REPO_ID,
+                         f"Qwen3.5-9B-Rehearsal-{layers}L-FT-MTP", quants, ["sidecar"], work, modes, models)
+    result["runs"] = {"generate": asdict(generated), **result["runs"]}
+    return {"size": "9b", "layers": layers, "model_bytes": stored_bytes(pair), **result}
+
+
+def bench_modes(label: str, base: Path, finetune: Path, base_repo: str, finetune_repo: str, name: str,
+                quants: list[str], layouts: list[str], work: Path, modes: list[str], models: Path) -> dict:
+    """One cold ``mtpress publish`` of the pair per disk mode (normal: all at once; bounded: --bounded-disk), each
+    with a fresh local Hub seeded with the pair (so no upload is skipped for the mode before's) and fresh folders.
+
+    Peak disk counts ``models``, the local Hub's storage and the release's work and output folders together;
+    "own" counts the release's folders alone: what the publisher's machine holds when the Hub is the real one.
+    """
+    from huggingface_hub import HfApi
+
+    from mtpress.hub.server import LocalHub
+
+    logs = ROOT / "releases" / "benchmark-logs"
+    runs, seconds, sizes, seeded = {}, {}, {}, {}
+    for mode in modes:
+        hub_dir, out = work / f"hub-{mode}", work / f"mtpress-{mode}"
+        with LocalHub(hub_dir, tokens={TOKEN}) as hub:
+            env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "PREFECT_HOME": str(work / "prefect"),
+                   "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180", "HF_HOME": str(out / "hf_home")}
+            subprocess.run([sys.executable, "-c", "from prefect import flow; flow(lambda: None)()"], check=True,
+                           env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            api = HfApi(endpoint=hub.url, token=TOKEN)
+            start = time.monotonic()
+            for repo, folder in ((base_repo, base), (finetune_repo, finetune)):
+                api.create_repo(repo, exist_ok=True)
+                api.upload_folder(repo_id=repo, folder_path=folder, commit_message="Upload checkpoint")
+            seeded[mode] = round(time.monotonic() - start, 1)
+            config = release_config(work / f"{name}.yaml", name=name, finetune=finetune_repo, donor=base_repo,
+                                    target=f"mtpress-bench/{name}-GGUF", quants=quants, layouts=layouts)
+            release = out / name
+            print(f"== {label}: mtpress publish, cold, {mode} disk", flush=True)
+            runs[f"publish {mode}"] = asdict(measure(
+                [str(ROOT / ".venv" / "bin" / "mtpress"), "publish", str(config), "--output", str(release),
+                 *(["--bounded-disk"] if mode == "bounded" else [])],
+                log=logs / f"{name}-{mode}-publish.log", hub=hub, env=env, disk=(models, hub_dir, out), own=(out,)))
+            manifest = json.loads((release / "manifest.json").read_text(encoding="utf-8"))
+            seconds[mode] = manifest["stage_seconds"]
+            bf16 = sum(f["size"] for f in manifest["files"] if f["quant"] == "BF16")
+            sizes[mode] = {"downloaded": stored_bytes(out / f".work-{name}" / "hub-cache"), "bf16": bf16,
+                           "quantized": sum(f["size"] for f in manifest["files"]) - bf16}
+        shutil.rmtree(hub_dir, ignore_errors=True)  # the next mode starts cold, and needs the room
+        shutil.rmtree(out, ignore_errors=True)
+    return {"label": label, "quants": quants, "layouts": layouts, "seed_hub_s": seeded, "sizes": sizes,
+            "runs": runs, "stage_seconds": seconds}
 
 
 def rehearsal_report(results: list[dict]) -> str:
     lines = []
     for r in results:
-        lines += ["", f"9b × {r['layers']} layers: pair {gb(r['model_bytes'])} on disk (fine-tune trunk hard-linked);"
-                      f" sidecar; quants {', '.join(r['quants'])}; Hub seeded in {r['seed_hub_s']} s",
-                  f"  {'':10} {'wall s':>8} {'CPU s':>8} {'peak RssAnon':>12} {'peak disk':>10} {'written':>10}"
-                  f" {'uploaded':>10}"]
+        lines += ["", f"{r['label']}: pair {gb(r['model_bytes'])} on disk (fine-tune trunk hard-linked); "
+                      f"{', '.join(r['layouts'])}; quants {', '.join(r['quants'])}",
+                  f"  {'':16} {'wall s':>8} {'CPU s':>8} {'peak RssAnon':>12} {'peak disk':>10} {'own peak':>10}"
+                  f" {'written':>10} {'uploaded':>10}"]
         for key, u in r["runs"].items():
-            lines.append(f"  {key:10} {u['wall_s']:8.1f} {u['cpu_s']:8.1f} {gb(u['peak_anon']):>12}"
-                         f" {gb(u['peak_disk']):>10} {gb(u['written']):>10} {gb(u['uploaded']):>10}")
+            lines.append(f"  {key:16} {u['wall_s']:8.1f} {u['cpu_s']:8.1f} {gb(u['peak_anon']):>12}"
+                         f" {gb(u['peak_disk']):>10} {gb(u.get('peak_own', 0)):>10} {gb(u['written']):>10}"
+                         f" {gb(u['uploaded']):>10}")
             for program, p in sorted((u["programs"] or {}).items()):
                 lines.append(f"    {program:22} CPU {p['cpu_s']:8.1f} s, peak RssAnon {gb(p['peak_anon'])}")
-        lines.append(f"  downloaded {gb(r['downloaded'])}, BF16 GGUFs {gb(r['bf16'])}, quantized {gb(r['quantized'])}")
-        lines.append("  publish seconds per stage: " + ", ".join(f"{k} {v:g}" for k, v in r["stage_seconds"].items()))
+        for mode, size in r["sizes"].items():
+            lines.append(f"  {mode}: downloaded {gb(size['downloaded'])}, BF16 GGUFs {gb(size['bf16'])}, quantized "
+                         f"{gb(size['quantized'])}; seconds per stage: "
+                         + ", ".join(f"{k} {v:g}" for k, v in r["stage_seconds"][mode].items()))
     return "\n".join(lines)
+
+
+def bench_disk_modes(size: str, quants: list[str], work: Path, modes: list[str]) -> dict:
+    """The demo (or large) pair published cold once per disk mode, both layouts."""
+    base, finetune, base_repo, finetune_repo = model_pair(size)
+    result = bench_modes(size, base, finetune, base_repo, finetune_repo, f"Qwen3.5-{size}-FT-MTP", quants,
+                         ["sidecar", "embedded"], work, modes, base.parent)
+    return {"size": size, "model_bytes": stored_bytes(base) + stored_bytes(finetune), **result}
 
 
 def gguf_bytes(folder: Path) -> tuple[int, int]:
@@ -544,11 +580,14 @@ def machine() -> str:
 
 
 def rehearse(args: argparse.Namespace, work: Path) -> None:
+    """``--size 9b``, or ``--modes`` at another size: cold publishes per disk mode, no hand recipe."""
     quants = args.quants.split(",") if args.quants else ["Q8_0", "Q4_K_M"]
+    modes = args.modes or ["normal"]
     results = []
     try:
-        for layers in args.layers:
-            results.append(bench_rehearsal(layers, quants, work / f"9b-{layers}"))
+        for layers in args.layers if args.size == "9b" else [None]:
+            results.append(bench_rehearsal(layers, quants, work / f"9b-{layers}", modes) if layers
+                           else bench_disk_modes(args.size, quants, work / args.size, modes))
             if args.json:
                 args.json.write_text(json.dumps({"machine": machine(), "results": results}, indent=2))
             if not args.keep:  # the next layer count needs the room
@@ -572,6 +611,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[4],
                         help="with --size 9b: layer counts to rehearse, one after another (multiples of 4)")
     parser.add_argument("--quants", help="comma-separated quant types (default: the release schema's)")
+    parser.add_argument("--modes", nargs="+", choices=("normal", "bounded"),
+                        help="cold publishes per disk mode (bounded: --bounded-disk), peak disk of each, no hand "
+                             "recipe; with --size 9b the default is normal only")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (releases, hub, logs)")
     parser.add_argument("--work", type=Path, help="work folder (default: a new one under releases/)")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
@@ -581,14 +623,14 @@ def main() -> None:
         return hand_recipe(args)
     if args.report:
         saved = json.loads(args.report.read_text())
-        render = rehearsal_report if saved["results"] and "layers" in saved["results"][0] else report
+        render = rehearsal_report if saved["results"] and "label" in saved["results"][0] else report
         return print(f"machine: {saved['machine']}\n{render(saved['results'])}")
 
     sizes = SIZES if args.size == "both" else (args.size,)
     (ROOT / "releases").mkdir(exist_ok=True)
     work = (args.work or Path(tempfile.mkdtemp(prefix="benchmark-", dir=ROOT / "releases"))).resolve()
     print(f"work folder: {work}\nmachine: {machine()}", flush=True)
-    if args.size == "9b":
+    if args.size == "9b" or args.modes:
         return rehearse(args, work)
     code = {"same": code_snapshot(work / "code"), "card": code_snapshot(work / "code-card", card_change=True)}
     results = []

@@ -129,21 +129,26 @@ def test_memory_cpu_and_disk_are_attributed_to_the_program_of_the_tree(benchmark
         """
     # The name is joined at run time so that only the child's command line holds it.
     parent = f"import subprocess; subprocess.run({python(quantize)!r} + ['llama-' + 'quantize'], check=True)"
-    usage = benchmark.measure(python(parent), log=tmp_path / "logs" / "p.log", disk=(disk,))
+    usage = benchmark.measure(python(parent), log=tmp_path / "logs" / "p.log", disk=(disk, tmp_path / "logs"),
+                              own=(disk,))
     assert usage.programs["quantize"]["peak_anon"] >= 50 * MB
     assert usage.programs["quantize"]["cpu_s"] >= 0.3
     assert usage.programs["python and the rest"]["peak_anon"] < 50 * MB
     assert 20 * MB <= usage.peak_disk < 21 * MB and benchmark.stored_bytes(disk) == 0
+    assert 20 * MB <= usage.peak_own <= usage.peak_disk  # the own folders alone: the log folder left out
 
 
 def test_the_rehearsal_report_lists_each_run_and_program(benchmark):
     usage = {"wall_s": 540.0, "cpu_s": 125.0, "peak_rss": 2500 * MB, "peak_anon": 2400 * MB, "written": 6300 * MB,
-             "uploaded": 0, "peak_disk": 6280 * MB, "programs": {"convert": {"peak_anon": 900 * MB, "cpu_s": 80.0}}}
+             "uploaded": 0, "peak_disk": 6280 * MB, "peak_own": 3100 * MB,
+             "programs": {"convert": {"peak_anon": 900 * MB, "cpu_s": 80.0}}}
+    sizes = {"downloaded": 5800 * MB, "bf16": 6280 * MB, "quantized": 5100 * MB}
     text = benchmark.rehearsal_report([{
-        "layers": 4, "model_bytes": 6280 * MB, "quants": ["Q8_0", "Q4_K_M"], "seed_hub_s": 100.0,
-        "runs": {"generate": usage, "publish": usage}, "downloaded": 5800 * MB, "bf16": 6280 * MB,
-        "quantized": 5100 * MB, "stage_seconds": {"convert": 300, "quantize": 400}}])
-    assert "9b × 4 layers: pair 6.28 GB" in text and "quants Q8_0, Q4_K_M" in text
-    assert "  publish       540.0    125.0      2.40 GB    6.28 GB    6.30 GB    0.00 MB" in text
+        "label": "9b × 4 layers", "layers": 4, "model_bytes": 6280 * MB, "quants": ["Q8_0", "Q4_K_M"],
+        "layouts": ["sidecar"], "seed_hub_s": {"bounded": 100.0}, "runs": {"generate": usage, "publish bounded": usage},
+        "sizes": {"bounded": sizes}, "stage_seconds": {"bounded": {"convert": 300, "quantize": 400}}}])
+    assert "9b × 4 layers: pair 6.28 GB" in text and "sidecar; quants Q8_0, Q4_K_M" in text
+    assert "  publish bounded     540.0    125.0      2.40 GB    6.28 GB    3.10 GB    6.30 GB    0.00 MB" in text
     assert "convert                CPU     80.0 s, peak RssAnon 0.90 GB" in text
-    assert "publish seconds per stage: convert 300, quantize 400" in text
+    assert ("bounded: downloaded 5.80 GB, BF16 GGUFs 6.28 GB, quantized 5.10 GB; seconds per stage: convert 300, "
+            "quantize 400") in text

@@ -143,3 +143,42 @@ def test_check_config_preflight_prints_the_plan_or_refuses_once(remote_demo_pair
     out = mtpress("check-config", str(publish_huge(tmp_path)), "--preflight", "--output", str(tmp_path / "release"))
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.count("GiB free, the run needs about") == 1 and "trim `quants:`" in out.stderr
+
+
+def test_a_bounded_disk_run_plans_one_layouts_bf16_and_one_quant_at_a_time(demo_pair, tmp_path):
+    """The plan a disk-limited machine gets: it fits where the whole release does not, and the refusal says so."""
+    quants = {"finetune": {"path": str(demo_pair[1])}, "donor": {"path": str(demo_pair[0])},
+              "quants": ["Q8_0", "Q6_K", "Q4_K_M"]}
+    whole, bounded = plan_run(config(**quants), ARCH), plan_run(config(**quants, bounded_disk=True), ARCH)
+    assert bounded.ggufs == whole.ggufs and sum(whole.ggufs.values()) == whole.gguf_peak
+    # The sidecar layout's BF16 files (its head repeats the vocabulary matrices) and its Q8_0: the largest pair.
+    assert bounded.gguf_peak == whole.ggufs["sidecar", "BF16"] + whole.ggufs["sidecar", "Q8_0"]
+    assert bounded.disk == whole.disk - sum(whole.ggufs.values()) + bounded.gguf_peak < whole.disk / 2
+    assert "at most" in bounded.breakdown() and "one layout's BF16 and one quant" in bounded.breakdown()
+    free = int(bounded.disk * 1.2)
+    with pytest.raises(InsufficientDiskError, match="bounded_disk: true"):
+        check_plan(whole, tmp_path / "release", free=free, memory=whole.memory)
+    check_plan(bounded, tmp_path / "release", free=free, memory=bounded.memory)
+    # The same rule after download, with what the cache already holds left out.
+    model = make_checkpoint(tmp_path / "m", with_head=True, seed=0)
+    one_at_a_time = config(layouts=["embedded"], quants=["Q8_0", "Q4_K_M"], bounded_disk=True)
+    assert planned_output_bytes(model, ARCH, one_at_a_time) == planned_output_bytes(
+        model, ARCH, config(layouts=["embedded"], quants=["Q8_0"]))
+    assert planned_output_bytes(model, ARCH, one_at_a_time, reused=[("embedded", "BF16")]) == planned_output_bytes(
+        model, ARCH, config(layouts=["embedded"], quants=["Q8_0"]), reused=[("embedded", "BF16")])
+
+
+def test_bounded_disk_needs_the_staging_repo_it_commits_to(local_hub, prefect_harness, tmp_path):
+    """Refused before anything is downloaded: without the gate, or in a run that publishes nothing, the files
+    deleted here would be lost."""
+    from flows.publish import publish
+    from mtpress.errors import ConfigError
+
+    with pytest.raises(ValueError, match="bounded_disk commits each finished file to the staging repo"):
+        config(bounded_disk=True, gate={"enabled": False})
+    path = publish_huge(tmp_path)
+    local_hub.bytes_served.clear()
+    for run in ({"push": False}, {"push": True, "dry_run": True}):
+        with pytest.raises(ConfigError, match="bounded_disk .* needs a run that publishes, with the gate"):
+            publish(str(path), str(tmp_path / "release"), bounded_disk=True, **run)
+    assert not local_hub.bytes_served and not (tmp_path / ".work-Huge").exists()

@@ -217,8 +217,8 @@ def preupload(files: Sequence[GgufFile], release_dir: Path, target: Target, api:
 def commit_finished(files: Sequence[GgufFile], release_dir: Path, target: Target, api: HfApi, *, message: str
                     ) -> int:
     """Commit finished files to the private ``target.repo`` (the staging repo) now, so a bounded-disk run may delete
-    them here: a commit keeps their bytes on the Hub, where an upload no commit names may not stay. Each split file
-    goes as its parts; files the repo holds with the same sha256 are skipped. Returns the bytes sent."""
+    them here: a commit keeps their bytes on the Hub; nothing relies on it keeping an upload no commit names. Each
+    split file goes as its parts; files the repo holds with the same sha256 are skipped. Returns the bytes sent."""
     if not target.private:
         raise PublishError(f"refusing to commit unverified files to {target.repo}: it is public",
                            hint="commit finished files only to the private staging repo")
