@@ -75,16 +75,19 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
 def ship(build: Build, mlx_release) -> None:
     """Stage → verify → promote: a GateError leaves the target untouched; then the target gets one commit."""
     release, cfg, log, api = build.release, build.cfg, get_run_logger(), hub_api()
+    verified = None
     if release.staging:
-        stage_and_verify(release.release_dir, cfg, release.tools, api, release.cache, release.work,
-                         release.key("gate"))
+        gate = stage_and_verify(release.release_dir, cfg, release.tools, api, release.cache, release.work,
+                                release.key("gate"))
+        verified = (gate.repo, gate.commit)
         write_cards(release.release_dir, release.key("card"), "model card preview, with the release gate")
     pack = [(mlx_release.folder, mlx_release.target, "mtplx-repo",
              f"MTPLX pack ({mlx_release.summary['verification']})", {})] if mlx_release else []
-    # A bounded-disk run's files are on the Hub, not here: the target's commit names them by content.
+    # A bounded-disk run's files are on the Hub, not here: the target's commit names them by content (and copies
+    # any its Hub does not hold from the verified staging commit).
     release_files = (release.release_dir, cfg.target, "repo", "", stored_elsewhere(release.release_dir))
     for folder, target, what, label, elsewhere in [release_files, *pack]:
-        result = publish_task(folder, target, api, dry_run=release.dry_run, elsewhere=elsewhere,
+        result = publish_task(folder, target, api, dry_run=release.dry_run, elsewhere=elsewhere, source=verified,
                               message=f"mtpress: {cfg.name} {label or f'(llama.cpp b{release.tools.version})'}")
         log.info(result.plan.describe())
         if result.committed:

@@ -369,3 +369,57 @@ def test_a_file_already_in_staging_is_not_committed_again(local_hub, release):
     head = api.repo_info(STAGING.repo).sha
     assert commit_finished(ggufs, release, STAGING, api, message="again") == 0
     assert api.repo_info(STAGING.repo).sha == head
+
+
+@pytest.fixture
+def hub_without_sharing(tmp_path, monkeypatch):
+    """A local Hub whose repos share no LFS objects: a commit may name only what was uploaded through its repo."""
+    from mtpress.hub.server import LocalHub
+    from tests.conftest import TEST_TOKEN
+
+    with LocalHub(tmp_path / "hub", tokens={TEST_TOKEN}, lfs_scope="repo") as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+        yield hub
+
+
+def test_files_the_target_does_not_hold_are_copied_from_the_verified_staging_commit(hub_without_sharing, release):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from mtpress.stages.publish import _stored
+
+    api = hub_api()
+    elsewhere, _ = drop_to_staging(release, api)
+    staged = publish(release, STAGING, api, message="stage", elsewhere=elsewhere)
+    # The Hub itself refuses a commit naming bytes its repo never received ...
+    path, (sha256, size) = next(iter(elsewhere.items()))
+    api.create_repo(TARGET.repo, private=True)
+    with pytest.raises(HfHubHTTPError, match="never uploaded to mtpress-demo/Release-GGUF"):
+        api.create_commit(TARGET.repo, [_stored(path, sha256, size)], commit_message="by content")
+    # ... so without a source the release is refused before its commit,
+    head = commits(api)[0]
+    with pytest.raises(PublishError, match="does not hold"):
+        publish(release, TARGET, api, message="release", elsewhere=elsewhere)
+    assert commits(api)[0] == head
+    # and with the verified staging commit as the source, each file is copied over, one at a time, and committed.
+    before = hub_without_sharing.bytes_received
+    result = publish(release, TARGET, api, message="release", elsewhere=elsewhere, source=(STAGING.repo, staged.commit))
+    copied = sum(size for _, size in elsewhere.values())
+    assert result.committed and copied <= result.bytes_uploaded < copied + 1024  # and the card, the manifest
+    assert hub_without_sharing.bytes_received - before >= result.bytes_uploaded
+    sha = {s.rfilename: s.lfs.sha256 for s in api.model_info(TARGET.repo, files_metadata=True).siblings if s.lfs}
+    assert sha == {p: s for p, (s, _) in elsewhere.items()}
+    assert not (release / ".copying").exists() and not list(release.rglob("*.gguf"))
+
+
+def test_a_copy_whose_bytes_are_not_the_manifests_is_refused(hub_without_sharing, release):
+    api = hub_api()
+    elsewhere, _ = drop_to_staging(release, api)
+    staged = publish(release, STAGING, api, message="stage", elsewhere=elsewhere)
+    path, (_, size) = next(iter(elsewhere.items()))
+    wrong = {**elsewhere, path: ("cd" * 32, size)}  # what the manifest says is not what staging holds
+    with pytest.raises(PublishError, match=f"serves {path} with another sha256 than the manifest's"):
+        publish(release, TARGET, api, message="release", elsewhere=wrong, source=(STAGING.repo, staged.commit))
+    assert not (release / ".copying").exists()
+    assert set(api.list_repo_files(TARGET.repo)) <= {".gitattributes"}

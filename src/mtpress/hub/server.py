@@ -259,8 +259,10 @@ def _remote_oid(entry: dict) -> str:
 class HubStore:
     """Repos, commits, refs and content-addressed blobs on disk. One lock per repo serialises writers."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, lfs_scope: str = "hub"):
         self.root = Path(root)
+        self.lfs_scope = lfs_scope
+        self._granted: dict[str, set[str]] = {}  # lfs_scope "repo": objects uploaded through each repo
         self._blobs = self.root / "blobs" / "sha256"
         self._tmp = self.root / "tmp"
         self._repos = self.root / "repos" / "models"
@@ -283,6 +285,21 @@ class HubStore:
             return self.blob_path(sha256).stat().st_size
         except FileNotFoundError:
             return None
+
+    def holds(self, repo_id: str, sha256: str, size: int | None = None) -> bool:
+        """Whether a commit to ``repo_id`` may name this LFS object (and the LFS batch need not ask for it): stored,
+        of ``size`` when given; with lfs_scope "repo", also uploaded through that repo or committed in it."""
+        stored = self.blob_size(sha256)
+        if stored is None or (size is not None and stored != size):
+            return False
+        if self.lfs_scope == "hub" or sha256 in self._granted.get(repo_id, ()):
+            return True
+        return any(entry["lfs"] and entry["sha256"] == sha256 for head in self.refs(repo_id)["heads"].values()
+                   for entry in self.commit_obj(repo_id, head)["tree"].values())
+
+    def grant(self, repo_id: str, sha256: str) -> None:
+        with self._locks_guard:
+            self._granted.setdefault(repo_id, set()).add(sha256)
 
     def put_blob_bytes(self, data: bytes) -> str:
         sha256 = hashlib.sha256(data).hexdigest()
@@ -442,7 +459,7 @@ class HubStore:
                 )
             tree = dict(self.commit_obj(repo_id, head_id)["tree"])
             for key, value in operations:
-                self._apply(tree, key, value)
+                self._apply(repo_id, tree, key, value)
             _check_no_file_folder_clash(tree)
             title = str(header.get("summary") or "").strip() or "Upload files"
             commit = self._new_commit(head_id, title, str(header.get("description") or ""), author, tree)
@@ -452,7 +469,7 @@ class HubStore:
             _atomic_write_json(self._repo_dir(repo_id) / "refs.json", refs)
             return commit
 
-    def _apply(self, tree: dict, key: str, value: dict) -> None:
+    def _apply(self, repo_id: str, tree: dict, key: str, value: dict) -> None:
         if key == "file":
             path = validate_repo_path(value.get("path"))
             if value.get("encoding", "base64") != "base64":
@@ -468,8 +485,8 @@ class HubStore:
             if value.get("algo", "sha256") != "sha256" or not _SHA256_RE.match(oid):
                 raise HubError(400, f"lfsFile {path} needs a sha256 oid, got {oid!r}.")
             stored_size = self.blob_size(oid)
-            if stored_size is None:
-                raise HubError(422, f"LFS object {oid} for {path} was never uploaded and verified.")
+            if stored_size is None or not self.holds(repo_id, oid):
+                raise HubError(422, f"LFS object {oid} for {path} was never uploaded to {repo_id} and verified.")
             if value.get("size") is not None and value["size"] != stored_size:
                 raise HubError(422, f"LFS object {oid} for {path} has {stored_size} bytes, not {value['size']}.")
             tree[path] = _tree_entry_for_lfs(oid, stored_size)
@@ -1175,7 +1192,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
                 objects.append({"oid": oid, "size": size, "error": error})
                 continue
             answer = {"oid": oid, "size": size, "authenticated": True}
-            if self.hub.store.blob_size(oid) != size:  # already stored objects get no actions: nothing to send
+            if not self.hub.store.holds(repo_id, oid, size):  # stored objects get no actions: nothing to send
                 signature = self._upload_signature(oid, size, expires)
                 answer["actions"] = {
                     "upload": {"href": f"{base}/_mtpress/lfs/{oid}?size={size}&expires={expires}&sig={signature}"},
@@ -1202,11 +1219,12 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         self._send_bytes(200, b"", "text/plain")
 
     def _lfs_verify(self, ns: str, name: str) -> None:
-        self._writable_repo(ns, name)
+        repo_id, _ = self._writable_repo(ns, name)
         body = self._json_body()
         oid, size = str(body.get("oid", "")), body.get("size")
         if not _SHA256_RE.match(oid) or self.hub.store.blob_size(oid) != size:
             raise HubError(404, f"LFS object {oid} of {size} bytes was not uploaded.")
+        self.hub.store.grant(repo_id, oid)
         self._send_json({"oid": oid, "size": size}, content_type="application/vnd.git-lfs+json")
 
     # -- test control -----------------------------------------------------------------------------------
@@ -1251,7 +1269,10 @@ class LocalHub:
     `whoami` lists beside it (the namespaces the tests, the benchmark and the watch demo publish to: mtpress checks
     a target's namespace against them before a run). `faults=True` turns on fault injection (`faults`, and the
     `/_mtpress/faults` route) for reliability tests. `max_file_size` is the per-file limit (the Hub's 50 GB by
-    default): an LFS object above it is refused at the batch, as the Hub does.
+    default): an LFS object above it is refused at the batch, as the Hub does. `lfs_scope` says which stored LFS
+    objects a repo's commits may name without uploading them: "hub" (default) every one, as content-addressed
+    storage; "repo" only those uploaded through that repo or committed in it, like a Hub that does not share
+    objects between repos (the tests of promoting a bounded-disk release use it).
 
         token = new_token()
         with LocalHub(tmp_path, tokens={token}) as hub:
@@ -1269,13 +1290,16 @@ class LocalHub:
         orgs: tuple[str, ...] = ("mtpress-test", "mtpress-bench", "mtpress-bot"),
         faults: bool = False,
         max_file_size: int = HUB_MAX_FILE_SIZE,
+        lfs_scope: str = "hub",
     ):
         tokens = set(tokens)
         if not tokens or not all(isinstance(t, str) and _TOKEN_RE.match(t) for t in tokens):
             # The message never shows the tokens: they are secrets.
             raise ValueError("A local Hub needs at least one write token, each at least 20 printable characters "
                              "without spaces; new_token() makes one shaped like the Hub's (which llama.cpp sends).")
-        self.store = HubStore(Path(root))
+        if lfs_scope not in ("hub", "repo"):
+            raise ValueError(f"lfs_scope must be 'hub' or 'repo', not {lfs_scope!r}")
+        self.store = HubStore(Path(root), lfs_scope)
         self.host, self.port = host, port
         self.tokens = tokens
         self.user = user

@@ -18,6 +18,7 @@ leaves an empty public repo. ``check_write_access`` refuses a token that cannot 
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,13 +147,16 @@ def check_write_access(api: HfApi, *targets: Target) -> None:
 
 
 def publish(release_dir: Path, target: Target, api: HfApi, *, message: str, dry_run: bool = False,
-            elsewhere: Mapping[str, tuple[str, int]] | None = None) -> PublishResult:
+            elsewhere: Mapping[str, tuple[str, int]] | None = None, source: tuple[str, str] | None = None
+            ) -> PublishResult:
     """Make ``target.repo`` match ``release_dir`` in one commit; raise PublishError with nothing committed (or,
     when only opening the repo failed, naming the commit that landed).
 
     A public target is made public only once its release is in it. One found private here is the leftover of a
     run stopped between its commit and that step, and is opened after this commit (or at once if nothing changed).
-    ``elsewhere``: files of the release that are not in the folder (``stored_elsewhere``), committed by content.
+    ``elsewhere``: files of the release that are not in the folder (``stored_elsewhere``), committed by content;
+    one the target's Hub does not hold for it is copied over from ``source`` (repo, commit: the staging repo at
+    the verified commit), one file at a time through a folder it is deleted from once sent.
     """
     elsewhere = elsewhere or {}
     _require_token(api, target.repo)
@@ -167,7 +171,7 @@ def publish(release_dir: Path, target: Target, api: HfApi, *, message: str, dry_
             local = release_files(release_dir)
             additions = [_addition(f.path, local[f.path]) if f.path in local else _stored(f.path, *elsewhere[f.path])
                          for f in plan.changes if f.status in ("new", "changed")]
-            sent = _bytes_to_send(api, target.repo, additions)
+            sent = _bytes_to_send(api, target.repo, additions, release_dir, source)
             deletions = [CommitOperationDelete(path_in_repo=f.path) for f in plan.changes if f.status == "deleted"]
             commit = api.create_commit(target.repo, [*additions, *deletions], commit_message=message,
                                        parent_commit=plan.parent_commit).oid
@@ -231,7 +235,7 @@ def commit_finished(files: Sequence[GgufFile], release_dir: Path, target: Target
                      if remote.get(repo_path) != sha256_file(path)]
         if not additions:
             return 0
-        sent = _bytes_to_send(api, target.repo, additions)
+        sent = _bytes_to_send(api, target.repo, additions, release_dir, None)
         api.create_commit(target.repo, additions, commit_message=message, parent_commit=info.sha)
     except HfHubHTTPError as e:
         raise PublishError(f"committing {', '.join(published)} to {target.repo} failed: {_first_line(e)}",
@@ -261,22 +265,44 @@ def _stored(repo_path: str, sha256: str, size: int) -> CommitOperationAdd:
     return operation
 
 
-def _bytes_to_send(api: HfApi, repo: str, additions: list[CommitOperationAdd]) -> int:
+def _bytes_to_send(api: HfApi, repo: str, additions: list[CommitOperationAdd], release_dir: Path,
+                   source: tuple[str, str] | None) -> int:
     """What the commit will send: every added file except those whose content the Hub already stores (pre-uploaded
     to this repo, or the same bytes elsewhere), which its LFS batch endpoint answers without an upload action.
     A small text file travels inside the commit even when the Hub has its bytes: such a file is not counted.
-    Raises PublishError, before anything is committed, when the Hub lacks a file that is no longer here."""
+    A file that is no longer here and that the Hub lacks for ``repo`` is sent now from ``source`` (``publish``);
+    without one, PublishError, before anything is committed."""
     if not additions:
         return 0
     answers, _, _ = post_lfs_batch_info([a.upload_info for a in additions], token=api.token, repo_type="model",
                                         repo_id=repo, endpoint=api.endpoint)
     missing = {answer["oid"] for answer in answers if answer.get("actions")}
-    if lost := [a.path_in_repo for a in additions if a._is_uploaded and a.upload_info.sha256.hex() in missing]:
-        raise PublishError(f"{repo}: the Hub at {api.endpoint} does not hold {', '.join(lost)}, which a bounded-disk "
-                           "run committed to the staging repo and deleted here; nothing was committed",
-                           hint="rerun without bounded_disk to rebuild them here, or copy them from the staging "
-                                "repo into the release folder and rerun")
+    lost = [a for a in additions if a._is_uploaded and a.upload_info.sha256.hex() in missing]
+    if lost and source is None:
+        raise PublishError(f"{repo}: the Hub at {api.endpoint} does not hold {', '.join(a.path_in_repo for a in lost)},"
+                           " which a bounded-disk run committed to the staging repo and deleted here; nothing was "
+                           "committed", hint="rerun without bounded_disk to rebuild them here, or copy them from the "
+                                             "staging repo into the release folder and rerun")
+    for operation in lost:
+        _copy_from(source, operation, repo, api, release_dir / ".copying")
     return sum(a.upload_info.size for a in additions if a.upload_info.sha256.hex() in missing)
+
+
+def _copy_from(source: tuple[str, str], operation: CommitOperationAdd, repo: str, api: HfApi, folder: Path) -> None:
+    """Download ``operation``'s file from ``source`` (repo, commit), check its sha256, upload it to ``repo`` and
+    delete it here; ``operation`` is then uploaded (``create_commit`` names it by content)."""
+    from huggingface_hub import hf_hub_download
+
+    path, sha256 = operation.path_in_repo, operation.upload_info.sha256.hex()
+    try:
+        local = Path(hf_hub_download(source[0], path, revision=source[1], local_dir=folder, token=api.token,
+                                     endpoint=api.endpoint))
+        if sha256_file(local) != sha256:
+            raise PublishError(f"{source[0]}@{source[1][:12]} serves {path} with another sha256 than the manifest's "
+                               f"{sha256}; nothing was committed", hint="rerun: the release is built again")
+        api.preupload_lfs_files(repo, additions=[CommitOperationAdd(path_in_repo=path, path_or_fileobj=local)])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _make_public(api: HfApi, repo: str, commit: str) -> None:
