@@ -46,8 +46,9 @@ def publish(config: str = "model_configs/demo.yaml", output: str | None = None, 
     release = open_release(config, output, push=push, dry_run=dry_run, token_secret=token_secret,
                            bounded_disk=bounded_disk)
     cfg, hub_cache = release.cfg, release.work / "hub-cache"
-    finetune, donor = settle([fetch_checkpoint.submit("fine-tune", cfg.finetune, hub_cache),
-                              fetch_checkpoint.submit("donor", cfg.donor, hub_cache) if cfg.donor else None])
+    finetune, donor = settle([
+        fetch_checkpoint.submit("fine-tune", cfg.finetune, hub_cache, release.arch),
+        fetch_checkpoint.submit("donor", cfg.donor, hub_cache, release.arch) if cfg.donor else None])
     injected = inject_task(finetune, donor, release.arch, release.work / "injected")
     head_choice = None
     if cfg.head.source != "copy":  # from here on the release is built from the checkpoint with the chosen head

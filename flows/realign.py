@@ -169,8 +169,9 @@ def realign_head(release: str, arch: str, finetune: dict[str, Any], donor: dict[
     tools = resolve_toolchain()
     cache = StageCache(work)
     # The caller's layout (hub-cache/, injected/, copied-head/): the converter names the model after its folder.
-    finetune_dir = fetch_checkpoint("fine-tune", Source.model_validate(finetune), work / "hub-cache")
-    donor_dir = fetch_checkpoint("donor", Source.model_validate(donor), work / "hub-cache") if donor else None
+    hub_cache = work / "hub-cache"
+    finetune_dir = fetch_checkpoint("fine-tune", Source.model_validate(finetune), hub_cache, arch_spec)
+    donor_dir = fetch_checkpoint("donor", Source.model_validate(donor), hub_cache, arch_spec) if donor else None
     injected = inject_task(finetune_dir, donor_dir, arch_spec, work / "injected")
     digest = realign.trunk_digest(injected.model, arch_spec)
     if digest != trunk_digest:

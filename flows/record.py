@@ -16,7 +16,7 @@ from flows.release import Build
 from flows.remote import record_manifest
 from mtpress.archs.base import ArchSpec
 from mtpress.checkpoint import ModelDir
-from mtpress.fsutil import dir_digest, sha256_file
+from mtpress.fsutil import dir_digest
 from mtpress.manifest import Manifest, hardware, jsonable, read_manifest, write_manifest
 from mtpress.schema import ReleaseConfig, Source
 from mtpress.stages.bench import BenchResult
@@ -135,7 +135,7 @@ def _input_record(model: ModelDir, source: Source, arch: ArchSpec) -> dict:
     return {"label": model.label, "repo": source.repo, "revision": model.revision,
             "digest": dir_digest(model.path) if source.path else None, "mtp_layers": arch.mtp_layers(model.config),
             "license": (card_data or {}).get("license"),
-            "files": {name: sha256_file(model.path / name) for name in model.shard_files()}}
+            "files": {name: model.shard_sha256(name) for name in model.shard_files()}}
 
 
 def _config_record(config: BaseModel) -> dict:

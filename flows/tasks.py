@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.release import Build, lane_threads, visible
 from flows.retries import retry_if_transient
+from mtpress.archs.base import ArchSpec
 from mtpress.cache import cache_key
 from mtpress.checkpoint import ModelDir
 from mtpress.concurrency import occupy
@@ -40,9 +41,9 @@ publish_task_options = {"cache_policy": NO_CACHE}
 
 @task(name="fetch", task_run_name="fetch {role}", retries=3, retry_delay_seconds=[2, 10, 30],
       retry_condition_fn=retry_if_transient, **publish_task_options)
-def fetch_checkpoint(role: str, source: Source, cache_dir: Path) -> ModelDir:
-    """``role`` (fine-tune, donor) only names the task run."""
-    return download.fetch(source, cache_dir)
+def fetch_checkpoint(role: str, source: Source, cache_dir: Path, arch: ArchSpec) -> ModelDir:
+    """``role`` names the task run; a donor gives only its head, so only the shards holding it are downloaded."""
+    return download.fetch(source, cache_dir, arch.is_head_tensor if role == "donor" else None)
 
 
 @task(name="mmproj", task_run_name="mmproj", **publish_task_options)

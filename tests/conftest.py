@@ -5,6 +5,9 @@ before any test module imports it; no test may ever reach huggingface.co.
 """
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
@@ -16,6 +19,24 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 import pytest  # noqa: E402
 
 TEST_TOKEN = "hf_" + "mtpressTestSuiteToken0123456789abcdef"
+
+
+@contextmanager
+def client_on_local_hub(root: Path, token: str = TEST_TOKEN, **hub_options) -> Iterator:
+    """A LocalHub under ``root`` (``hub_options``: faults, max_file_size, lfs_scope) that accepts ``token``, with
+    huggingface_hub pointed at it — endpoint, token, an HF_HOME of its own — until the block ends. For fixtures of
+    any scope (pytest's monkeypatch fixture is per test)."""
+    from mtpress.hub.server import LocalHub
+
+    mp = pytest.MonkeyPatch()
+    try:
+        with LocalHub(root / "hub", tokens={token}, **hub_options) as hub:
+            mp.setenv("HF_ENDPOINT", hub.url)
+            mp.setenv("HF_TOKEN", token)
+            mp.setenv("HF_HOME", str(root / "hf_home"))
+            yield hub
+    finally:
+        mp.undo()
 
 
 @pytest.fixture(scope="session")
@@ -51,15 +72,10 @@ def demo_ggufs(tmp_path_factory, toolchain, demo_pair):
 
 
 @pytest.fixture
-def local_hub(tmp_path, monkeypatch):
+def local_hub(tmp_path):
     """A fresh local Hub endpoint; HF_ENDPOINT and a test token point the code at it. Fault injection is on:
     reliability tests plan failures on it (`local_hub.faults`)."""
-    from mtpress.hub.server import LocalHub
-
-    with LocalHub(tmp_path / "hub", tokens={TEST_TOKEN}, faults=True) as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    with client_on_local_hub(tmp_path, faults=True) as hub:
         yield hub
 
 

@@ -12,6 +12,7 @@ import yaml
 
 from mtpress.demo.run import seed_upstream_repos
 from mtpress.hub.client import hub_api
+from tests.conftest import client_on_local_hub
 
 pytestmark = pytest.mark.slow
 DEMO = Path(__file__).resolve().parent.parent / "model_configs" / "demo.yaml"
@@ -63,14 +64,9 @@ class PeakGguf(threading.Thread):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, toolchain, demo_pair, prefect_harness):
     from flows.publish import publish
-    from mtpress.hub.server import LocalHub
 
     root = tmp_path_factory.mktemp("bounded")
-    mp = pytest.MonkeyPatch()
-    with LocalHub(root / "hub", tokens={TOKEN}) as hub:
-        mp.setenv("HF_ENDPOINT", hub.url)
-        mp.setenv("HF_TOKEN", TOKEN)
-        mp.setenv("HF_HOME", str(root / "hf_home"))
+    with client_on_local_hub(root, TOKEN):
         seed_upstream_repos(DEMO)
         runs = {}
         for mode, repo in (("normal", "mtpress-demo/Normal-GGUF"), ("bounded", "mtpress-demo/Bounded-GGUF")):
@@ -79,7 +75,6 @@ def runs(tmp_path_factory, toolchain, demo_pair, prefect_harness):
             runs[mode] = {"dir": folder, "repo": repo, "peak": peak.peak,
                           "manifest": json.loads((folder / "manifest.json").read_text())}
         yield runs
-    mp.undo()
 
 
 def normalised(run: dict, text: str) -> str:

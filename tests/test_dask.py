@@ -14,6 +14,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from mtpress.demo.run import seed_upstream_repos
+from tests.conftest import client_on_local_hub
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_workers.py"
@@ -54,18 +55,13 @@ def cluster(tmp_path_factory, prefect_harness):
     from distributed import Client, LocalCluster
     from prefect.settings import PREFECT_API_URL
 
-    from mtpress.hub.server import LocalHub
-
     root = tmp_path_factory.mktemp("dask")
     config = trimmed_config(root / "trimmed.yaml")
     mp = pytest.MonkeyPatch()
-    with LocalHub(root / "hub", tokens={TOKEN}) as hub:
-        # Workers inherit this environment when they are spawned (huggingface_hub reads it at import). Prefect's
-        # harness sets its API URL in settings, not here: the flow sends its settings with each task anyway,
-        # but a worker's own startup needs the variable.
-        mp.setenv("HF_ENDPOINT", hub.url)
-        mp.setenv("HF_TOKEN", TOKEN)
-        mp.setenv("HF_HOME", str(root / "hf_home"))
+    # Workers inherit this environment when they are spawned (huggingface_hub reads it at import). Prefect's
+    # harness sets its API URL in settings, not here: the flow sends its settings with each task anyway, but a
+    # worker's own startup needs the variable.
+    with client_on_local_hub(root, TOKEN):
         mp.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as local, \
                 Client(local) as client:

@@ -5,10 +5,12 @@ import json
 import pytest
 
 from mtpress.errors import HubRequestError, ModelError
+from mtpress.fsutil import sha256_file
 from mtpress.hub.client import hub_api
 from mtpress.schema import Source
 from mtpress.stages.download import fetch, probe
-from tests.fixtures import make_checkpoint
+from mtpress.stages.inject import inject
+from tests.fixtures import ARCH, make_checkpoint
 
 
 def upload(folder, repo):
@@ -42,6 +44,28 @@ def test_fetch_pins_the_resolved_commit_and_takes_only_needed_files(remote_pair,
     assert "config.json" in names and "model.safetensors.index.json" in names
     assert "training-log.txt" not in names and "optimizer.pt" not in names
     assert len(model.tensors) == 3
+
+
+def test_a_donor_downloads_only_the_shards_holding_its_head(remote_pair, local_hub, tmp_path):
+    """The trunk shards of a 9B donor (17 GB) are never read: they stay on the Hub, known by their headers and
+    the Hub's sha256, and the head injected from the partial donor is the one a whole download gives."""
+    whole = make_checkpoint(tmp_path / "base-again", with_head=True, seed=1)  # the bytes org/base holds
+    donor = fetch(Source(repo="org/base"), tmp_path / "cache", only_tensors=ARCH.is_head_tensor)
+    head_shards = {whole.weight_map[n] for n in whole.tensors if ARCH.is_head_tensor(n)}
+    trunk_only = set(whole.shard_files()) - head_shards
+    assert trunk_only and {p.name for p in weight_files(donor.path)} == head_shards
+    assert [r.name for r in donor.left_on_hub] == sorted(trunk_only)
+    assert {n: (t.dtype, t.shape) for n, t in donor.tensors.items()} == {
+        n: (t.dtype, t.shape) for n, t in whole.tensors.items()}
+    assert {s: donor.shard_sha256(s) for s in donor.shard_files()} == {
+        s: sha256_file(whole.path / s) for s in whole.shard_files()}
+    trunk_tensor = next(n for n in whole.tensors if whole.weight_map[n] in trunk_only)
+    with pytest.raises(ModelError, match="left on the Hub"):
+        donor.shard_of(trunk_tensor)
+    finetune = make_checkpoint(tmp_path / "ft-again", with_head=False, seed=2)
+    partial = inject(finetune, donor, ARCH, tmp_path / "injected-partial")
+    full = inject(finetune, whole, ARCH, tmp_path / "injected-whole")
+    assert partial.head.sha256 == full.head.sha256 and partial.head.parameters == full.head.parameters
 
 
 def test_a_branch_revision_resolves_to_a_commit_sha(remote_pair, local_hub, tmp_path):

@@ -15,7 +15,7 @@ from mtpress.errors import GateError
 from mtpress.manifest import Manifest, jsonable
 from mtpress.schema import GateSpec, SmokeSpec, Target
 from mtpress.stages.gate import check_hub_sha256, choose_pairings, gate, pairings_from_manifest, pairings_from_names
-from tests.conftest import TEST_TOKEN
+from tests.conftest import TEST_TOKEN, client_on_local_hub
 
 SMOKE = SmokeSpec(n_predict=16)
 GATE = GateSpec(n_predict=8)
@@ -38,16 +38,8 @@ def sidecar(tmp_path_factory, toolchain, demo_pair):
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    from mtpress.hub.server import LocalHub
-
-    root = tmp_path_factory.mktemp("gate-hub")
-    mp = pytest.MonkeyPatch()
-    with LocalHub(root / "hub", tokens={TEST_TOKEN}) as local:
-        mp.setenv("HF_ENDPOINT", local.url)
-        mp.setenv("HF_TOKEN", TEST_TOKEN)
-        mp.setenv("HF_HOME", str(root / "hf_home"))
+    with client_on_local_hub(tmp_path_factory.mktemp("gate-hub")) as local:
         yield HfApi(endpoint=local.url, token=TEST_TOKEN)
-    mp.undo()
 
 
 def manifest_for(files: dict, tokens: tuple[int, ...]) -> Manifest:

@@ -12,6 +12,7 @@ from mtpress.demo.models import write_demo_model
 from mtpress.demo.moe import MoeDemoSpec, MoeMultimodalSpec
 from mtpress.demo.multimodal import write_multimodal_model
 from mtpress.errors import IncompatibleDonorError, MissingMtpHeadError, UnsupportedArchitectureError
+from tests.conftest import client_on_local_hub
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCH = get_arch("qwen35moe")
@@ -132,19 +133,12 @@ def moe_release(tmp_path_factory, toolchain, prefect_harness):
     """The tiny MoE fine-tune released through the publish flow onto a local Hub (both layouts, two quants)."""
     from flows.publish import publish
     from mtpress.demo.run import seed_upstream_repos
-    from mtpress.hub.server import LocalHub
 
     root = tmp_path_factory.mktemp("moe")
-    token = "hf_" + "mtpressMoeTestToken0123456789abcdefgh"
-    mp = pytest.MonkeyPatch()
-    with LocalHub(root / "hub", tokens={token}) as hub:
-        mp.setenv("HF_ENDPOINT", hub.url)
-        mp.setenv("HF_TOKEN", token)
-        mp.setenv("HF_HOME", str(root / "hf_home"))
+    with client_on_local_hub(root, "hf_" + "mtpressMoeTestToken0123456789abcdefgh"):
         seed_upstream_repos(DEMO_MOE, MoeDemoSpec())
         release_dir = Path(publish(str(DEMO_MOE), str(root / "release")))
         yield {"dir": release_dir, "manifest": json.loads((release_dir / "manifest.json").read_text())}
-    mp.undo()
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from mtpress.demo.models import materialize
 from mtpress.demo.multimodal import MultimodalSpec, demo_png, text_plans, vision_plans
 from mtpress.hub.client import hub_api
 from mtpress.stages.gguf_files import gguf_metadata
+from tests.conftest import client_on_local_hub
 
 ARCH = get_arch("qwen35")
 DEMO_VL = Path(__file__).resolve().parent.parent / "model_configs" / "demo-vl.yaml"
@@ -109,19 +110,13 @@ def vl_release(tmp_path_factory, toolchain, vl_pair, prefect_harness):
     """One run of the multimodal demo release against a local Hub."""
     from flows.publish import publish
     from mtpress.demo.run import seed_upstream_repos
-    from mtpress.hub.server import LocalHub
 
     root = tmp_path_factory.mktemp("vl")
-    mp = pytest.MonkeyPatch()
-    with LocalHub(root / "hub", tokens={TOKEN}) as hub:
-        mp.setenv("HF_ENDPOINT", hub.url)
-        mp.setenv("HF_TOKEN", TOKEN)
-        mp.setenv("HF_HOME", str(root / "hf_home"))
+    with client_on_local_hub(root, TOKEN):
         seed_upstream_repos(DEMO_VL, MultimodalSpec())
         release_dir = Path(publish(str(DEMO_VL), str(root / "release")))
         yield {"dir": release_dir, "manifest": json.loads((release_dir / "manifest.json").read_text()),
                "api": hub_api()}
-    mp.undo()
 
 
 @pytest.mark.slow

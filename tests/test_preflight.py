@@ -41,7 +41,12 @@ def test_preflight_reads_headers_only_and_adds_up_the_whole_run(remote_demo_pair
     served = {key: n for key, n in local_hub.bytes_served.items() if key.endswith(".safetensors")}
     # One Range request per shard for its header (huggingface_hub asks for bytes 0-100000): no weight bytes move.
     assert served.keys() == weights.keys() and all(n <= 100_001 for n in served.values())
-    assert abs(plan.download - sum(weights.values())) < 0.01 * sum(weights.values())
+    # The donor gives its head alone: of its shards only those holding a head tensor are downloaded.
+    index = json.loads((remote_demo_pair[0] / "model.safetensors.index.json").read_text())["weight_map"]
+    head_shards = {shard for name, shard in index.items() if ARCH.is_head_tensor(name)}
+    downloaded = sum(n for key, n in weights.items() if key.startswith("org/ft/") or key.rsplit("/")[-1] in head_shards)
+    assert downloaded < sum(weights.values())
+    assert abs(plan.download - downloaded) < 0.01 * downloaded
     assert 0 < plan.injected < 0.02 * plan.download  # the head shard; trunk shards are hard-linked
     assert set(plan.ggufs) == {(layout, q) for layout in cfg.layouts for q in ("BF16", "Q8_0", "Q4_K_M")}
     assert plan.gate == plan.ggufs[("sidecar", "Q4_K_M")]  # recommended and smallest: the same root quant
@@ -139,7 +144,7 @@ def test_check_config_preflight_prints_the_plan_or_refuses_once(remote_demo_pair
     ok = tmp_path / "ok.yaml"
     ok.write_text("name: Ok\nfinetune: {repo: org/ft}\ndonor: {repo: org/base}\ntarget: {repo: org/ok-gguf}\n")
     out = mtpress("check-config", str(ok), "--preflight", "--output", str(tmp_path / "release"))
-    assert out.returncode == 0 and "GiB of disk (download 0.51 GiB" in out.stdout, out.stderr
+    assert out.returncode == 0 and "GiB of disk (download 0.37 GiB" in out.stdout, out.stderr
     out = mtpress("check-config", str(publish_huge(tmp_path)), "--preflight", "--output", str(tmp_path / "release"))
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.count("GiB free, the run needs about") == 1 and "trim `quants:`" in out.stderr

@@ -372,15 +372,11 @@ def test_a_file_already_in_staging_is_not_committed_again(local_hub, release):
 
 
 @pytest.fixture
-def hub_without_sharing(tmp_path, monkeypatch):
+def hub_without_sharing(tmp_path):
     """A local Hub whose repos share no LFS objects: a commit may name only what was uploaded through its repo."""
-    from mtpress.hub.server import LocalHub
-    from tests.conftest import TEST_TOKEN
+    from tests.conftest import client_on_local_hub
 
-    with LocalHub(tmp_path / "hub", tokens={TEST_TOKEN}, lfs_scope="repo") as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
-        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    with client_on_local_hub(tmp_path, lfs_scope="repo") as hub:
         yield hub
 
 

@@ -12,6 +12,7 @@ from mtpress.hub.client import hub_api
 from mtpress.naming import file_stem
 from mtpress.stages.bench import per_position_acceptance
 from mtpress.stages.gguf_files import read_facts
+from tests.conftest import client_on_local_hub
 
 pytestmark = pytest.mark.slow
 DEMO = Path(__file__).resolve().parent.parent / "model_configs" / "demo.yaml"
@@ -22,19 +23,13 @@ TOKEN = "hf_" + "mtpressLeakCanary7f3a9c1e5b2d8f4a6c0e"  # recognisable, and sha
 def release(tmp_path_factory, toolchain, demo_pair, prefect_harness):
     """One full run of the demo release, shared by the assertions below (it takes minutes)."""
     from flows.publish import publish
-    from mtpress.hub.server import LocalHub
 
     root = tmp_path_factory.mktemp("e2e")
-    mp = pytest.MonkeyPatch()
-    with LocalHub(root / "hub", tokens={TOKEN}) as hub:
-        mp.setenv("HF_ENDPOINT", hub.url)
-        mp.setenv("HF_TOKEN", TOKEN)
-        mp.setenv("HF_HOME", str(root / "hf_home"))
+    with client_on_local_hub(root, TOKEN) as hub:
         seed_upstream_repos(DEMO)
         release_dir = Path(publish(str(DEMO), str(root / "release")))
         yield {"dir": release_dir, "root": root, "manifest": json.loads((release_dir / "manifest.json").read_text()),
                "hub": hub, "api": hub_api()}
-    mp.undo()
 
 
 def test_every_layout_has_bf16_and_four_quants(release):

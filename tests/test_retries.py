@@ -11,7 +11,7 @@ from mtpress.errors import (
 )
 from mtpress.hub.client import hub_api
 from mtpress.schema import Source, Target
-from tests.fixtures import make_checkpoint
+from tests.fixtures import ARCH, make_checkpoint
 from tests.test_publish import publish_while_another_writer_commits
 
 TARGET = Target(repo="mtpress-demo/Release-GGUF")  # the repo publish_while_another_writer_commits writes to
@@ -85,10 +85,10 @@ def test_the_fetch_task_retries_a_dropped_connection_but_not_a_wrong_repo_id(loc
     api.upload_folder(repo_id="org/ft", folder_path=make_checkpoint(tmp_path / "ft", with_head=False, seed=2).path)
 
     local_hub.faults.add("GET", r"^/api/models/org/ft", action="drop")
-    state = task("fine-tune", Source(repo="org/ft"), tmp_path / "cache", return_state=True)
+    state = task("fine-tune", Source(repo="org/ft"), tmp_path / "cache", ARCH, return_state=True)
     assert state.is_completed() and run_count(state) == 2
 
-    state = task("fine-tune", Source(repo="org/no-such-model"), tmp_path / "cache", return_state=True)
+    state = task("fine-tune", Source(repo="org/no-such-model"), tmp_path / "cache", ARCH, return_state=True)
     assert state.is_failed() and run_count(state) == 1
     with pytest.raises(ModelError, match="no such model repo"):
         state.result()

@@ -13,7 +13,7 @@ from mtpress.fsutil import sha256_file
 from mtpress.naming import split_index, split_part_name
 from mtpress.schema import GateSpec, SmokeSpec, Target
 from mtpress.stages.split import check_file_sizes, split_gguf
-from tests.conftest import TEST_TOKEN
+from tests.conftest import TEST_TOKEN, client_on_local_hub
 
 SMOKE = SmokeSpec(n_predict=16)
 
@@ -149,18 +149,13 @@ def split_release(tmp_path_factory, toolchain, demo_pair, prefect_harness):
     from flows.publish import publish
     from mtpress.demo.run import seed_upstream_repos
     from mtpress.hub.client import hub_api
-    from mtpress.hub.server import LocalHub
     from mtpress.schema import load_release_config
 
     root = tmp_path_factory.mktemp("split-release")
     config = split_config(root / "split.yaml", SPLIT_LIMIT)
     unsplittable = split_config(root / "unsplittable.yaml", UNSPLITTABLE_LIMIT)
     target = load_release_config(str(config)).target
-    mp = pytest.MonkeyPatch()
-    with LocalHub(root / "hub", tokens={TEST_TOKEN}, max_file_size=SPLIT_LIMIT) as hub:
-        mp.setenv("HF_ENDPOINT", hub.url)
-        mp.setenv("HF_TOKEN", TEST_TOKEN)
-        mp.setenv("HF_HOME", str(root / "hf_home"))
+    with client_on_local_hub(root, max_file_size=SPLIT_LIMIT) as hub:
         seed_upstream_repos(config)
         api = hub_api()
         received = hub.bytes_received
@@ -172,7 +167,6 @@ def split_release(tmp_path_factory, toolchain, demo_pair, prefect_harness):
         yield {"dir": release_dir, "manifest": json.loads((release_dir / "manifest.json").read_text()),
                "api": api, "repo": target.repo, "refused": refused.value, "sent": sent_before_refusal,
                "repos": repos_after_refusal}
-    mp.undo()
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from functools import cached_property
 from pathlib import Path
 
 from mtpress.errors import CorruptCheckpointError, ModelError
+from mtpress.fsutil import sha256_file
 from mtpress.safetensors_io import TensorInfo, read_header
 
 INDEX = "model.safetensors.index.json"
@@ -15,13 +16,25 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass(frozen=True)
+class RemoteShard:
+    """A shard left on the Hub: its tensors' header entries and its LFS sha256, as the Hub gives them. Offsets
+    count from the shard's data section; nothing reads this shard's bytes."""
+
+    name: str
+    sha256: str
+    tensors: tuple[TensorInfo, ...]
+
+
+@dataclass(frozen=True)
 class ModelDir:
     """A checkpoint on disk. ``label`` says where it came from (repo@revision, or a local folder's name: labels
-    reach the manifest, so never a path)."""
+    reach the manifest, so never a path). ``left_on_hub``: shards not downloaded (a donor gives its head alone),
+    known by their headers."""
 
     path: Path
     label: str
     revision: str | None = None
+    left_on_hub: tuple[RemoteShard, ...] = ()
 
     @cached_property
     def config(self) -> dict:
@@ -67,12 +80,16 @@ class ModelDir:
         for name, shard in self.weight_map.items():
             by_shard.setdefault(shard, []).append(name)
         found: dict[str, TensorInfo] = {}
+        remote = {shard.name: shard for shard in self.left_on_hub}
         for shard, names in sorted(by_shard.items()):
             shard_path = self.path / shard
-            if not shard_path.is_file():
+            if shard in remote:
+                headers = {t.name: t for t in remote[shard].tensors}
+            elif not shard_path.is_file():
                 raise CorruptCheckpointError(f"{self.label}: {INDEX} lists shard {shard}, which is missing",
                                              hint="download the complete checkpoint")
-            headers, _ = read_header(shard_path)
+            else:
+                headers, _ = read_header(shard_path)
             for name in names:
                 if name not in headers:
                     raise CorruptCheckpointError(
@@ -82,7 +99,19 @@ class ModelDir:
         return found
 
     def shard_of(self, name: str) -> Path:
-        return self.path / self.weight_map[name]
+        """The file holding tensor ``name``'s bytes."""
+        shard = self.weight_map[name]
+        if any(remote.name == shard for remote in self.left_on_hub):
+            raise ModelError(f"{self.label}: tensor {name} is in {shard}, which was left on the Hub",
+                             hint="fetch the checkpoint with the tensors it is read for")
+        return self.path / shard
+
+    def shard_sha256(self, shard: str) -> str:
+        """A shard's sha256: the Hub's LFS record for one left there, else hashed here."""
+        for remote in self.left_on_hub:
+            if remote.name == shard:
+                return remote.sha256
+        return sha256_file(self.path / shard)
 
     def shard_files(self) -> list[str]:
         return sorted(set(self.weight_map.values()))

@@ -17,7 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from mtpress.archs import get_arch, registered
 from mtpress.errors import ConfigError
-from mtpress.hub.server import HUB_MAX_FILE_SIZE
+from mtpress.hub.client import HUB_MAX_FILE_SIZE
 from mtpress.naming import file_stem, realign_repo, staging_repo
 
 # llama-quantize's own type names (tools/quantize/quantize.cpp) that we publish, with the

@@ -1,5 +1,2 @@
-"""Hub-related code; `mtpress.hub.server` is the local, file-backed Hub stand-in re-exported here."""
-
-from mtpress.hub.server import Fault, FaultPlan, LocalHub, serve
-
-__all__ = ["Fault", "FaultPlan", "LocalHub", "serve"]
+"""The Hub: `client` builds the one huggingface_hub client; `server` is the local, file-backed Hub stand-in that
+the demo, the tests and the benchmarks run against."""

@@ -11,6 +11,8 @@ from functools import lru_cache
 
 from huggingface_hub import HfApi
 
+HUB_MAX_FILE_SIZE = 50 * 1000**3  # the Hub's per-file limit ("storage limits": 50 GB; 20 GB recommended)
+
 
 @lru_cache(maxsize=None)
 def _api(endpoint: str, token: str | None) -> HfApi:

@@ -53,10 +53,11 @@ from urllib.parse import parse_qs, unquote
 
 import yaml
 
+from mtpress.hub.client import HUB_MAX_FILE_SIZE
+
 logger = logging.getLogger("mtpress.hub")
 
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024  # the Hub's rule: bigger files go through LFS whatever their content
-HUB_MAX_FILE_SIZE = 50 * 1000**3  # the Hub's per-file limit ("storage limits": 50 GB; 20 GB recommended)
 MAX_BUFFERED_BODY = 256 * 1024 * 1024  # JSON/NDJSON bodies are read whole; LFS objects are streamed
 MAX_DRAINED_BODY = 64 * 1024 * 1024  # unread body read and dropped before an early answer; beyond it, close
 CHUNK_SIZE = 1024 * 1024

@@ -10,7 +10,7 @@ does not exist for this token) or HubRequestError (retried when transient).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +22,12 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import SafetensorsRepoMetadata
 
-from mtpress.checkpoint import PICKLE_SUFFIXES, ModelDir
+from mtpress.checkpoint import PICKLE_SUFFIXES, ModelDir, RemoteShard
 from mtpress.errors import HubRequestError, ModelError
 from mtpress.hub.client import hub_api
+from mtpress.safetensors_io import TensorInfo
 from mtpress.schema import Source
 
 ALLOW_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
@@ -41,6 +43,14 @@ class RemoteProbe:
     has_safetensors: bool
     head_tensors: tuple[str, ...]
     files: tuple[str, ...]
+    safetensors: SafetensorsRepoMetadata  # every shard's header, read with range requests
+
+    def shards_to_fetch(self, only_tensors: Callable[[str], bool] | None) -> set[str]:
+        """The weight files ``fetch`` downloads: all of them, or of a sharded checkpoint those holding a tensor
+        ``only_tensors`` accepts."""
+        if only_tensors is None or not self.safetensors.sharded:
+            return set(self.safetensors.files_metadata)
+        return {shard for name, shard in self.safetensors.weight_map.items() if only_tensors(name)}
 
 
 def probe(source: Source) -> RemoteProbe:
@@ -56,7 +66,7 @@ def probe(source: Source) -> RemoteProbe:
         raise ModelError(f"{source.repo}@{source.revision}: no safetensors weights in the repo")
     metadata = api.get_safetensors_metadata(source.repo, revision=info.sha)
     head = tuple(sorted(n for n in metadata.weight_map if n.startswith(("mtp.", "model.mtp."))))
-    return RemoteProbe(source.repo, info.sha, has_safetensors, head, files)
+    return RemoteProbe(source.repo, info.sha, has_safetensors, head, files, metadata)
 
 
 @contextmanager
@@ -86,8 +96,11 @@ def local_model(source: Source) -> ModelDir:
     return ModelDir(source.path, source.label)
 
 
-def fetch(source: Source, cache_dir: Path) -> ModelDir:
-    """A ModelDir for ``source``; Hub repos are downloaded into ``cache_dir`` at their resolved commit."""
+def fetch(source: Source, cache_dir: Path, only_tensors: Callable[[str], bool] | None = None) -> ModelDir:
+    """A ModelDir for ``source``; Hub repos are downloaded into ``cache_dir`` at their resolved commit.
+
+    ``only_tensors``: of the weights, download only the shards holding a tensor it accepts (a donor gives its
+    head alone: a 9B base's other 17 GB stay on the Hub); the others are known by their remote headers."""
     if source.path is not None:
         return local_model(source)
     from huggingface_hub import hf_hub_download, snapshot_download
@@ -103,6 +116,27 @@ def fetch(source: Source, cache_dir: Path) -> ModelDir:
         config = hf_hub_download(source.repo, "config.json", revision=remote.revision, cache_dir=str(cache_dir),
                                  endpoint=api.endpoint, token=api.token)
         _ = ModelDir(Path(config).parent, label).config
-        path = snapshot_download(repo_id=source.repo, revision=remote.revision, allow_patterns=list(ALLOW_PATTERNS),
+        wanted = remote.shards_to_fetch(only_tensors)
+        left = _remote_shards(remote, set(remote.safetensors.files_metadata) - wanted)
+        patterns = [p for p in ALLOW_PATTERNS if p != "*.safetensors"] + sorted(wanted)
+        path = snapshot_download(repo_id=source.repo, revision=remote.revision, allow_patterns=patterns,
                                  cache_dir=str(cache_dir), endpoint=api.endpoint, token=api.token)
-    return ModelDir(Path(path), label, remote.revision)
+    return ModelDir(Path(path), label, remote.revision, left)
+
+
+def _remote_shards(remote: RemoteProbe, names: set[str]) -> tuple[RemoteShard, ...]:
+    """``names``' headers from the probe and their LFS sha256 from the Hub's listing at the probed commit."""
+    if not names:
+        return ()
+    listing = {f.path: f for f in hub_api().get_paths_info(remote.repo, sorted(names), revision=remote.revision,
+                                                           expand=True)}
+    shards = []
+    for name in sorted(names):
+        lfs = getattr(listing.get(name), "lfs", None)
+        if lfs is None:
+            raise ModelError(f"{remote.repo}@{remote.revision[:12]}: {name} is not an LFS file on the Hub",
+                             hint="weights on the Hub are LFS files; check the repo's .gitattributes")
+        header = remote.safetensors.files_metadata[name].tensors
+        shards.append(RemoteShard(name, lfs.sha256, tuple(
+            TensorInfo(t, info.dtype, tuple(info.shape), *info.data_offsets) for t, info in sorted(header.items()))))
+    return tuple(shards)

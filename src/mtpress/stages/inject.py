@@ -65,7 +65,7 @@ def inject(finetune: ModelDir, donor: ModelDir | None, arch: ArchSpec, out: Path
     """Give ``finetune`` the donor's head; pass it through untouched if it already has one."""
     own = sorted(n for n in finetune.tensors if arch.is_head_tensor(n))
     if own:  # each checkpoint's tensor names pick its head layout (a MoE head: fused or per-expert experts)
-        _check_head(finetune, arch.expected_head(finetune.config, finetune.tensors), owner=finetune.label)
+        _check_head(finetune, arch, arch.expected_head(finetune.config, finetune.tensors), owner=finetune.label)
         return InjectResult(finetune, "passthrough", f"{finetune.label} already carries its own MTP head "
                             f"({len(own)} tensors); published as is", None, 0)
     if donor is None:
@@ -77,7 +77,7 @@ def inject(finetune: ModelDir, donor: ModelDir | None, arch: ArchSpec, out: Path
                                   hint="use the original base model (e.g. Qwen/Qwen3.5-9B) as donor, not a fine-tune")
     vocabulary = check_vocabulary(finetune, donor, arch, donor_head)
     expected = arch.expected_head(finetune.config, donor.tensors)
-    _check_head(donor, expected, owner=f"donor {donor.label}")
+    _check_head(donor, arch, expected, owner=f"donor {donor.label}")
 
     target_dtype = _trunk_dtype(finetune)
     head_tensors = []
@@ -166,8 +166,8 @@ def _check_compatible(finetune: ModelDir, donor: ModelDir, arch: ArchSpec) -> No
             raise IncompatibleDonorError(key, ft.get(key), dn.get(key), finetune=finetune.label, donor=donor.label)
 
 
-def _check_head(model: ModelDir, expected: dict[str, tuple[int, ...]], *, owner: str) -> None:
-    present = {n: t for n, t in model.tensors.items() if n.startswith("mtp.")}
+def _check_head(model: ModelDir, arch: ArchSpec, expected: dict[str, tuple[int, ...]], *, owner: str) -> None:
+    present = {n: t for n, t in model.tensors.items() if arch.is_head_tensor(n)}
     missing = sorted(set(expected) - set(present))
     extra = sorted(set(present) - set(expected))
     if missing or extra:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from mtpress.errors import InsufficientDiskError, InsufficientMemoryError
 from mtpress.hub.client import hub_api
 from mtpress.safetensors_io import TensorInfo
 from mtpress.schema import ReleaseConfig, Source
-from mtpress.stages.download import hub_errors, local_model
+from mtpress.stages.download import hub_errors, local_model, probe
 
 SAFETY_MARGIN = 1.10
 GiB = 2**30
@@ -97,22 +97,26 @@ def planned_output_bytes(model: ModelDir, arch: ArchSpec, cfg: ReleaseConfig,
     return bounded_peak(sizes) if cfg.bounded_disk and sizes else sum(sizes.values())
 
 
-def _source_tensors(source: Source) -> tuple[list[TensorInfo], dict, bool]:
-    """(tensors, config, whether they are downloaded) from Hub metadata, or a local checkpoint's headers."""
+def _source_tensors(source: Source, only: Callable[[str], bool] | None = None) -> tuple[list[TensorInfo], dict, int]:
+    """(tensors, config, bytes downloaded) from Hub metadata, or a local checkpoint's headers (used in place).
+    ``only``: download just the shards holding a tensor it accepts, as ``download.fetch`` does."""
     if source.path is not None:
         model = local_model(source)
-        return list(model.tensors.values()), model.config, False
+        return list(model.tensors.values()), model.config, 0
     from huggingface_hub import hf_hub_download
 
     api = hub_api()
     with hub_errors(source):
-        meta = api.get_safetensors_metadata(source.repo, revision=source.revision)
-        config = json.loads(Path(hf_hub_download(source.repo, "config.json", revision=source.revision,
+        remote = probe(source)
+        config = json.loads(Path(hf_hub_download(source.repo, "config.json", revision=remote.revision,
                                                  endpoint=api.endpoint, token=api.token)).read_text())
     # Offsets are per shard; only the sizes (end - begin) are read from these.
-    tensors = [TensorInfo(name, info.dtype, tuple(info.shape), 0, info.parameter_count * DTYPE_BYTES[info.dtype])
-               for file in meta.files_metadata.values() for name, info in file.tensors.items()]
-    return tensors, config, True
+    by_shard = {shard: [TensorInfo(name, info.dtype, tuple(info.shape), 0,
+                                   info.parameter_count * DTYPE_BYTES[info.dtype])
+                        for name, info in file.tensors.items()]
+                for shard, file in remote.safetensors.files_metadata.items()}
+    download = sum(t.end - t.begin for shard in remote.shards_to_fetch(only) for t in by_shard[shard])
+    return [t for tensors in by_shard.values() for t in tensors], config, download
 
 
 @dataclass(frozen=True)
@@ -165,12 +169,11 @@ def plan_run(cfg: ReleaseConfig, arch: ArchSpec, *, converter_patched: bool = Tr
     ``gate``: the run publishes, so the gate downloads what it loads."""
     from mtpress.stages.card import DEFAULT_QUANT_PREFERENCE
 
-    tensors, config, remote = _source_tensors(cfg.finetune)
-    download = sum(t.end - t.begin for t in tensors) if remote else 0  # a local checkpoint is used in place
+    tensors, config, download = _source_tensors(cfg.finetune)
     head = [t for t in tensors if arch.is_head_tensor(t.name)]
     if cfg.donor is not None:
-        donor, _, donor_remote = _source_tensors(cfg.donor)
-        download += sum(t.end - t.begin for t in donor) if donor_remote else 0
+        donor, _, donor_download = _source_tensors(cfg.donor, arch.is_head_tensor)
+        download += donor_download
         head = [t for t in donor if arch.is_head_tensor(t.name)]
         tensors = [t for t in tensors if not arch.is_head_tensor(t.name)] + head
     injected = sum(t.end - t.begin for t in head) if cfg.donor is not None else 0
