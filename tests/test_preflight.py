@@ -12,6 +12,7 @@ from mtpress.errors import InsufficientDiskError, InsufficientMemoryError
 from mtpress.hub.client import hub_api
 from mtpress.schema import ReleaseConfig
 from mtpress.stages.preflight import check_disk_space, check_plan, plan_run, planned_output_bytes
+from mtpress.stages.quality import base_logits_bytes
 from tests.fixtures import SMALL, make_checkpoint
 from tests.test_cli import mtpress
 
@@ -51,7 +52,11 @@ def test_preflight_reads_headers_only_and_adds_up_the_whole_run(remote_demo_pair
     assert set(plan.ggufs) == {(layout, q) for layout in cfg.layouts for q in ("BF16", "Q8_0", "Q4_K_M")}
     assert plan.gate == plan.ggufs[("sidecar", "Q4_K_M")]  # recommended and smallest: the same root quant
     assert plan_run(cfg, ARCH, gate=False).gate == 0  # a run that does not publish stages nothing to verify
-    assert plan.disk == plan.download + plan.injected + sum(plan.ggufs.values()) + plan.gate
+    # Quality keeps BF16's log-probabilities (uint16 over the 248320-token vocabulary) until the last quant.
+    assert plan.quality == base_logits_bytes(cfg.quality, 248_320) > 0.45e9
+    assert plan_run(cfg.model_copy(update={"quality": cfg.quality.model_copy(update={"enabled": False})}),
+                    ARCH).quality == 0
+    assert plan.disk == plan.download + plan.injected + sum(plan.ggufs.values()) + plan.gate + plan.quality
     # Measured on the demo release's sidecar files (2026-12-04): BF16 549.7 MB, Q8_0 302.3 MB, Q4_K_M 204.1 MB.
     for quant, real in (("BF16", 549_689_152), ("Q8_0", 302_320_192), ("Q4_K_M", 204_112_960)):
         assert abs(plan.ggufs[("sidecar", quant)] / real - 1) < 0.02, quant
@@ -158,7 +163,7 @@ def test_a_bounded_disk_run_plans_one_layouts_bf16_and_one_quant_at_a_time(demo_
     assert bounded.ggufs == whole.ggufs and sum(whole.ggufs.values()) == whole.gguf_peak
     # The sidecar layout's BF16 files (its head repeats the vocabulary matrices) and its Q8_0: the largest pair.
     assert bounded.gguf_peak == whole.ggufs["sidecar", "BF16"] + whole.ggufs["sidecar", "Q8_0"]
-    assert bounded.disk == whole.disk - sum(whole.ggufs.values()) + bounded.gguf_peak < whole.disk / 2
+    assert bounded.disk == whole.disk - sum(whole.ggufs.values()) + bounded.gguf_peak < 0.6 * whole.disk
     assert "at most" in bounded.breakdown() and "one layout's BF16 and one quant" in bounded.breakdown()
     free = int(bounded.disk * 1.2)
     with pytest.raises(InsufficientDiskError, match="bounded_disk: true"):

@@ -14,6 +14,7 @@ from mtpress.stages.gguf_files import GgufFile
 from mtpress.stages.quality import (
     STATISTICS_START,
     Estimate,
+    base_logits_bytes,
     parse_base_run,
     parse_kl_run,
     parse_statistics,
@@ -189,7 +190,8 @@ def test_quality_on_the_demo_model(demo_ggufs, toolchain, tmp_path):
     result = quality(bf16, [q4], spec, toolchain, tmp_path / "work")
     assert list((tmp_path / "work").iterdir()) == [], "the base-logits file must be deleted"
     assert (result.chunks, result.ctx_size, result.tokens_scored) == (2, 128, 2 * 63)
-    assert result.base_logits_bytes > 2 * 63 * 248_000 * 2  # ctx/2 rows of 16-bit log-probs per chunk
+    # Preflight's estimate of the file, from the format llama-perplexity writes, to the byte.
+    assert result.base_logits_bytes == base_logits_bytes(spec, 248_320) > 2 * 63 * 248_000 * 2
     [q] = result.quants
     assert (q.quant, q.chunks) == ("Q4_K_M", 2)
     assert q.kld_mean.value >= 0 and 0 <= q.same_top_p.value <= 100 and q.ppl.value > 1

@@ -23,6 +23,7 @@ from mtpress.hub.client import hub_api
 from mtpress.safetensors_io import TensorInfo
 from mtpress.schema import ReleaseConfig, Source
 from mtpress.stages.download import hub_errors, local_model, probe
+from mtpress.stages.quality import base_logits_bytes
 
 SAFETY_MARGIN = 1.10
 GiB = 2**30
@@ -131,10 +132,11 @@ class RunPlan:
     convert_memory: int
     quantize_memory: int
     bounded: bool = False  # bounded_disk: the GGUFs are here one layout's BF16 and one quant at a time
+    quality: int = 0  # BF16's log-probabilities, kept until the last quant is measured
 
     @property
     def disk(self) -> int:
-        return self.download + self.injected + self.gguf_peak + self.mmproj + self.gate
+        return self.download + self.injected + self.gguf_peak + self.mmproj + self.gate + self.quality
 
     @property
     def gguf_peak(self) -> int:
@@ -152,7 +154,8 @@ class RunPlan:
         ggufs = (f"at most {self.gguf_peak / GiB:.2f} at once (bounded disk: one layout's BF16 and one quant; all: "
                  if self.bounded else f"{self.gguf_peak / GiB:.2f} (")
         return (f"download {self.download / GiB:.2f} GiB, injected head {self.injected / GiB:.2f}, GGUFs {ggufs}"
-                f"{quants}, all layouts), mmproj {self.mmproj / GiB:.2f}, gate's download {self.gate / GiB:.2f}")
+                f"{quants}, all layouts), mmproj {self.mmproj / GiB:.2f}, gate's download {self.gate / GiB:.2f}, "
+                f"quality's BF16 log-probabilities {self.quality / GiB:.2f}")
 
 
 def bounded_peak(ggufs: dict[tuple[str, str], int]) -> int:
@@ -186,12 +189,14 @@ def plan_run(cfg: ReleaseConfig, arch: ArchSpec, *, converter_patched: bool = Tr
         chosen = [q for q in DEFAULT_QUANT_PREFERENCE if q in root][:1] + [min(root, key=root.__getitem__)]
         gate_bytes = sum(root[q] for q in {*chosen, *(t.upper() for t in cfg.gate.tags if t.upper() in root)})
     vocab = arch.text_config(config)["vocab_size"]
+    quality = base_logits_bytes(cfg.quality, vocab) if cfg.quality.enabled else 0
     largest = max(t.n_elements for t in tensors)
     whole = max((t.n_elements for t in tensors if not (converter_patched and t.shape and t.shape[0] == vocab)),
                 default=0)
     return RunPlan(download, injected, ggufs, mmproj, gate_bytes, convert_memory=CONVERTER_BASE + 8 * whole,
                    quantize_memory=QUANTIZE_BASE + int(largest * (4 + max(
-                       (max(BITS_PER_WEIGHT[q]) for q in cfg.quants), default=0) / 8)), bounded=cfg.bounded_disk)
+                       (max(BITS_PER_WEIGHT[q]) for q in cfg.quants), default=0) / 8)), bounded=cfg.bounded_disk,
+                   quality=quality)
 
 
 def available_memory() -> int:

@@ -121,6 +121,14 @@ def quality(bf16: GgufFile, quants: list[GgufFile], spec: QualitySpec, tools: Ll
     return summarise(base, results, spec, tools)
 
 
+def base_logits_bytes(spec: QualitySpec, vocab_size: int) -> int:
+    """The most ``kld_base``'s file can hold: llama-perplexity's ``--kl-divergence-base`` writes a 20-byte header,
+    each chunk's tokens (int32) and, for each scored token, its log-probabilities as uint16 over the vocabulary
+    rounded up to even plus 4 (tools/perplexity/perplexity.cpp) — 0.5 GB at Qwen3.5's 248320 and the defaults."""
+    per_token = 2 * (2 * ((vocab_size + 1) // 2) + 4)
+    return 20 + spec.chunks * (4 * spec.ctx_size + scored_per_chunk(spec.ctx_size) * per_token)
+
+
 def kld_base(bf16: GgufFile, spec: QualitySpec, tools: LlamaCpp, work_dir: Path) -> KldBase:
     """BF16's perplexity and its log-probabilities, in ``work_dir`` until ``summarise`` (or the end of ``quality``)
     deletes them: a bounded-disk run measures each quant as it is made, and keeps only this file."""
