@@ -98,6 +98,46 @@ def test_a_tool_dies_with_the_process_that_started_it_even_on_kill_9():
         os.kill(plain, signal.SIGKILL)
 
 
+def test_a_tool_on_a_dask_worker_dies_when_the_flow_that_wanted_it_is_killed():
+    """The worker outlives the killed client; the scheduler cancels its task, and the tool the task waits on is
+    killed rather than left to run to its end. The control: a process the task started the plain way runs on."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as ours:
+        [worker] = ours.run(os.getpid).values()
+        flow = parent(f"""
+            import subprocess
+            from distributed import Client
+            from mtpress.toolchain import run_tool
+
+            def task():
+                subprocess.Popen(["sleep", "601"])  # the control
+                return run_tool(["sleep", "600"], timeout=900)
+
+            client = Client({cluster.scheduler_address!r})
+            future = client.submit(task, pure=False)
+            print("submitted", flush=True)
+            future.result()
+        """)
+        assert flow.stdout.readline().strip() == "submitted"
+        deadline = time.monotonic() + 60
+        while not {"sleep 600", "sleep 601"} <= (started := {cmdline(p).strip(): p for p in children(worker)}).keys():
+            assert time.monotonic() < deadline and flow.poll() is None, started
+            time.sleep(0.05)
+        tool, plain = started["sleep 600"], started["sleep 601"]
+        try:
+            flow.kill()
+            flow.wait()
+            assert survivors([tool], within=10) == [], "a tool outlived the flow on its Dask worker"
+            assert alive(plain) and alive(worker), "the control: the worker and a plain child live on"
+            assert ours.submit(sum, [1, 2], pure=False).result() == 3  # the worker still serves
+        finally:
+            for pid in (tool, plain):
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
 SERVER = """
     import sys, time
     from contextlib import nullcontext

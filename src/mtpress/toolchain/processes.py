@@ -15,6 +15,11 @@ long as the process. On other systems there is no such signal and only the ``fin
 SIGTERM and Ctrl-C during a flow reach its main thread only, while its tasks wait on tools in other threads;
 Prefect then waits for those tasks before it ends the run, so a quantize would finish first (minutes at 9B).
 ``stop_tools_on_termination`` makes either signal stop every tool first: each task's wait ends at once.
+
+On a Dask worker the tools belong to the worker, which lives on when the flow that wanted the task is killed: the
+scheduler then cancels the task, but Dask cannot interrupt the thread running it, which would wait for its tool
+(a 9B quantize: minutes). A tool started by a Dask task is watched: once the worker has cancelled that task, it is
+killed.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY", re.IGNORECASE)
 PR_SET_PDEATHSIG = 1
@@ -36,6 +43,12 @@ PR_SET_PDEATHSIG = 1
 _tools: weakref.WeakSet[subprocess.Popen] = weakref.WeakSet()
 # Reentrant: the termination handler runs on the main thread, which may have been inside ``start`` holding it.
 _tools_lock = threading.RLock()
+# On a Dask worker: each running tool's (worker, task key), and the thread that kills those of cancelled tasks.
+_dask_task_of: weakref.WeakKeyDictionary[subprocess.Popen, tuple[Any, str]] = weakref.WeakKeyDictionary()
+_dask_watcher: threading.Thread | None = None
+DASK_POLL_S = 0.5
+# A worker's task states once the scheduler no longer wants the result (its client is gone).
+DASK_UNWANTED = frozenset({"cancelled", "released", "forgotten"})
 
 
 def _prctl() -> Callable[..., int] | None:
@@ -72,7 +85,47 @@ def start(argv: Sequence[str | Path], *, env: Mapping[str, str] | None = None, t
     if tool:
         with _tools_lock:
             _tools.add(proc)
+        if (task := _dask_task()) is not None:
+            _watch_dask_task(proc, task)
     return proc
+
+
+def _dask_task() -> tuple[Any, str] | None:
+    """(worker, task key) when this thread runs a Dask task: distributed records both per executor thread. Never
+    imports distributed: a process that runs Dask tasks has it loaded."""
+    utils = sys.modules.get("distributed.utils")
+    state = getattr(utils, "thread_state", None)
+    key, execution = getattr(state, "key", None), getattr(state, "execution_state", None)
+    return (execution["worker"], key) if key is not None and execution else None
+
+
+def _watch_dask_task(proc: subprocess.Popen, task: tuple[Any, str]) -> None:
+    global _dask_watcher
+    with _tools_lock:
+        _dask_task_of[proc] = task
+        if _dask_watcher is None:
+            _dask_watcher = threading.Thread(target=_kill_tools_of_unwanted_tasks, name="mtpress-dask-tools",
+                                             daemon=True)
+            _dask_watcher.start()
+
+
+def _kill_tools_of_unwanted_tasks() -> None:
+    """Until no watched tool runs: SIGKILL the session of each whose task the worker no longer runs for anyone."""
+    global _dask_watcher
+    while True:
+        time.sleep(DASK_POLL_S)
+        with _tools_lock:
+            running = [(proc, task) for proc, task in _dask_task_of.items() if proc.poll() is None]
+            if not running:
+                _dask_watcher = None
+                return
+        for proc, (worker, key) in running:
+            state = worker.state.tasks.get(key)
+            if state is None or state.state in DASK_UNWANTED:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
 
 def stop_tools_on_termination() -> None:
