@@ -274,8 +274,9 @@ def open_release(config: str, output: str | None, *, push: bool, dry_run: bool, 
     log.info("preflight: %.2f GiB of disk (%s), %.2f GiB of memory", plan.disk / 2**30, plan.breakdown(),
              plan.memory / 2**30)
     check_plan(plan, release_dir, held=(release_dir, work))
-    return Release(cfg, release_config_path(config), arch, tools, release_dir, work,
-                   StageCache(release_dir), push, dry_run)
+    cache = StageCache(release_dir)
+    cache.forget_earlier_counts()
+    return Release(cfg, release_config_path(config), arch, tools, release_dir, work, cache, push, dry_run)
 
 
 def lane_threads() -> int:

@@ -64,6 +64,18 @@ def test_stage_seconds_do_not_depend_on_the_order_parallel_lanes_finished_in(tmp
     assert recorded[0] == recorded[1] and list(json.loads(recorded[0])) == ["quantize", "smoke"]
 
 
+def test_a_run_forgets_the_seconds_earlier_runs_counted(tmp_path):
+    """Each run counts into a folder of its own; without this, every rerun of a release would leave one behind."""
+    for _ in range(2):
+        StageCache(tmp_path).run("convert", "key", lambda: None)
+    counts = tmp_path / ".mtpress-cache" / "seconds"
+    assert len(list(counts.iterdir())) == 2
+    run = StageCache(tmp_path)
+    assert run.forget_earlier_counts() == 2 and not list(counts.iterdir())
+    run.run("convert", "key", lambda: None)  # a hit: counted again in this run's own folder
+    assert len(list(counts.iterdir())) == 1 and run.seconds == {"convert": 0.0}
+
+
 def test_file_hashes_are_remembered_per_inode_and_follow_replacement(tmp_path):
     import hashlib
     import os

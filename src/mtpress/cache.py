@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import threading
 import time
 import uuid
@@ -125,6 +126,15 @@ class StageCache:
         for stage, seconds in sorted(counts):  # summed in one order, however the files are listed
             totals[stage] = round(totals.get(stage, 0.0) + seconds, 1)
         return totals
+
+    def forget_earlier_counts(self) -> int:
+        """Remove the seconds counted by earlier runs (only this cache's are ever read); the caller holds the
+        release folder, so none of them is running. How many runs' counts went."""
+        counts = self._seconds.parent
+        earlier = [d for d in counts.iterdir() if d != self._seconds] if counts.is_dir() else []
+        for folder in earlier:
+            shutil.rmtree(folder, ignore_errors=True)
+        return len(earlier)
 
     def _count(self, stage: str, seconds: float) -> None:
         write_text_atomic(self._seconds / f"{uuid.uuid4().hex}.json", json.dumps([stage, seconds]))
