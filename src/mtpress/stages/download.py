@@ -116,8 +116,11 @@ def fetch(source: Source, cache_dir: Path, only_tensors: Callable[[str], bool] |
         config = hf_hub_download(source.repo, "config.json", revision=remote.revision, cache_dir=str(cache_dir),
                                  endpoint=api.endpoint, token=api.token)
         _ = ModelDir(Path(config).parent, label).config
+        shards = set(remote.safetensors.files_metadata)
         wanted = remote.shards_to_fetch(only_tensors)
-        left = _remote_shards(remote, set(remote.safetensors.files_metadata) - wanted)
+        left = _remote_shards(remote, shards - wanted)
+        # The Hub keeps binary files in LFS; a shard that came some other way has no sha256 to record unread.
+        wanted = shards - {shard.name for shard in left}
         patterns = [p for p in ALLOW_PATTERNS if p != "*.safetensors"] + sorted(wanted)
         path = snapshot_download(repo_id=source.repo, revision=remote.revision, allow_patterns=patterns,
                                  cache_dir=str(cache_dir), endpoint=api.endpoint, token=api.token)
@@ -125,17 +128,16 @@ def fetch(source: Source, cache_dir: Path, only_tensors: Callable[[str], bool] |
 
 
 def _remote_shards(remote: RemoteProbe, names: set[str]) -> tuple[RemoteShard, ...]:
-    """``names``' headers from the probe and their LFS sha256 from the Hub's listing at the probed commit."""
+    """Those of ``names`` the Hub stores in LFS, with their headers from the probe and their sha256 from the Hub's
+    listing at the probed commit."""
     if not names:
         return ()
     listing = {f.path: f for f in hub_api().get_paths_info(remote.repo, sorted(names), revision=remote.revision,
                                                            expand=True)}
     shards = []
     for name in sorted(names):
-        lfs = getattr(listing.get(name), "lfs", None)
-        if lfs is None:
-            raise ModelError(f"{remote.repo}@{remote.revision[:12]}: {name} is not an LFS file on the Hub",
-                             hint="weights on the Hub are LFS files; check the repo's .gitattributes")
+        if (lfs := getattr(listing.get(name), "lfs", None)) is None:
+            continue
         header = remote.safetensors.files_metadata[name].tensors
         shards.append(RemoteShard(name, lfs.sha256, tuple(
             TensorInfo(t, info.dtype, tuple(info.shape), *info.data_offsets) for t, info in sorted(header.items()))))
