@@ -22,13 +22,14 @@ TEST_TOKEN = "hf_" + "mtpressTestSuiteToken0123456789abcdef"
 
 
 @contextmanager
-def client_on_local_hub(root: Path, token: str = TEST_TOKEN, **hub_options) -> Iterator:
+def client_on_local_hub(root: Path, token: str = TEST_TOKEN, monkeypatch: pytest.MonkeyPatch | None = None,
+                        **hub_options) -> Iterator:
     """A LocalHub under ``root`` (``hub_options``: faults, max_file_size, lfs_scope) that accepts ``token``, with
-    huggingface_hub pointed at it — endpoint, token, an HF_HOME of its own — until the block ends. For fixtures of
-    any scope (pytest's monkeypatch fixture is per test)."""
+    huggingface_hub pointed at it — endpoint, token, an HF_HOME of its own. A per-test fixture passes the test's
+    ``monkeypatch`` (one undo for all the test changed); wider fixtures get their own, undone when the block ends."""
     from mtpress.hub.server import LocalHub
 
-    mp = pytest.MonkeyPatch()
+    mp = monkeypatch or pytest.MonkeyPatch()
     try:
         with LocalHub(root / "hub", tokens={token}, **hub_options) as hub:
             mp.setenv("HF_ENDPOINT", hub.url)
@@ -36,7 +37,8 @@ def client_on_local_hub(root: Path, token: str = TEST_TOKEN, **hub_options) -> I
             mp.setenv("HF_HOME", str(root / "hf_home"))
             yield hub
     finally:
-        mp.undo()
+        if monkeypatch is None:
+            mp.undo()
 
 
 @pytest.fixture(scope="session")
@@ -72,10 +74,10 @@ def demo_ggufs(tmp_path_factory, toolchain, demo_pair):
 
 
 @pytest.fixture
-def local_hub(tmp_path):
+def local_hub(tmp_path, monkeypatch):
     """A fresh local Hub endpoint; HF_ENDPOINT and a test token point the code at it. Fault injection is on:
     reliability tests plan failures on it (`local_hub.faults`)."""
-    with client_on_local_hub(tmp_path, faults=True) as hub:
+    with client_on_local_hub(tmp_path, monkeypatch=monkeypatch, faults=True) as hub:
         yield hub
 
 

@@ -372,11 +372,11 @@ def test_a_file_already_in_staging_is_not_committed_again(local_hub, release):
 
 
 @pytest.fixture
-def hub_without_sharing(tmp_path):
+def hub_without_sharing(tmp_path, monkeypatch):
     """A local Hub whose repos share no LFS objects: a commit may name only what was uploaded through its repo."""
     from tests.conftest import client_on_local_hub
 
-    with client_on_local_hub(tmp_path, lfs_scope="repo") as hub:
+    with client_on_local_hub(tmp_path, monkeypatch=monkeypatch, lfs_scope="repo") as hub:
         yield hub
 
 
