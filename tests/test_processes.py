@@ -302,6 +302,8 @@ def test_termination_handlers_are_armed_once_per_process_and_chain_to_the_previo
 
     before = {s: signals.getsignal(s) for s in (signals.SIGTERM, signals.SIGINT)}
     try:
+        # Python's own Ctrl-C, whatever this test runner inherited (started in the background, it ignores SIGINT).
+        signals.signal(signals.SIGINT, signals.default_int_handler)
         stop_tools_on_termination()
         armed = {s: signals.getsignal(s) for s in before}
         stop_tools_on_termination()
@@ -309,6 +311,25 @@ def test_termination_handlers_are_armed_once_per_process_and_chain_to_the_previo
         assert all(getattr(handler, "stops_tools", False) for handler in armed.values())
         with pytest.raises(KeyboardInterrupt):  # Ctrl-C still interrupts, after stopping the tools
             armed[signals.SIGINT](signals.SIGINT, None)
+    finally:
+        for signum, handler in before.items():
+            signals.signal(signum, handler)
+
+
+def test_a_signal_the_process_ignores_stays_ignored():
+    """A job a script started in the background ignores SIGINT: a Ctrl-C meant for the script must not stop its
+    tools halfway through a task."""
+    import signal as signals
+
+    from mtpress.toolchain.processes import stop_tools_on_termination
+
+    before = {s: signals.getsignal(s) for s in (signals.SIGTERM, signals.SIGINT)}
+    try:
+        signals.signal(signals.SIGINT, signals.SIG_IGN)
+        signals.signal(signals.SIGTERM, signals.SIG_DFL)
+        stop_tools_on_termination()
+        assert signals.getsignal(signals.SIGINT) == signals.SIG_IGN
+        assert getattr(signals.getsignal(signals.SIGTERM), "stops_tools", False)
     finally:
         for signum, handler in before.items():
             signals.signal(signum, handler)

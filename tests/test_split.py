@@ -141,6 +141,12 @@ def split_config(path, limit: int):
     return path
 
 
+def hub_content(hub) -> set[str]:
+    """What an upload leaves on the Hub: a verified blob, or a partial one in tmp/. (Request byte counts would not
+    do: the donor's paths-info request, a download, sends a JSON body too.)"""
+    return {p.name for folder in ("blobs", "tmp") for p in (hub.store.root / folder).rglob("*")}
+
+
 @pytest.fixture(scope="module")
 def split_release(tmp_path_factory, toolchain, demo_pair, prefect_harness):
     """The trimmed demo published through a local Hub with a small per-file limit: first under a limit no part can
@@ -158,14 +164,14 @@ def split_release(tmp_path_factory, toolchain, demo_pair, prefect_harness):
     with client_on_local_hub(root, max_file_size=SPLIT_LIMIT) as hub:
         seed_upstream_repos(config)
         api = hub_api()
-        received = hub.bytes_received
+        before = hub_content(hub)
         with pytest.raises(FileTooLargeError) as refused:
             publish(str(unsplittable), str(root / "release"))
-        sent_before_refusal = hub.bytes_received - received
+        stored_by_refused_run = sorted(hub_content(hub) - before)
         repos_after_refusal = [api.repo_exists(t.repo) for t in (target, target.staging)]
         release_dir = Path(publish(str(config), str(root / "release")))
         yield {"dir": release_dir, "manifest": json.loads((release_dir / "manifest.json").read_text()),
-               "api": api, "repo": target.repo, "refused": refused.value, "sent": sent_before_refusal,
+               "api": api, "repo": target.repo, "refused": refused.value, "stored": stored_by_refused_run,
                "repos": repos_after_refusal}
 
 
@@ -175,7 +181,7 @@ def test_a_file_no_part_can_hold_fails_the_run_before_any_upload(split_release):
     the uploads lane, before its first byte is sent, and neither the target nor the staging repo exists."""
     assert re.search(r"BF16\.gguf: tensor (token_embd|output)\.weight \(127,139,840 bytes\) and the file's .*-byte "
                      r"header do not fit the per-file limit 100,000,000", str(split_release["refused"]))
-    assert split_release["sent"] == 0 and split_release["repos"] == [False, False]
+    assert split_release["stored"] == [] and split_release["repos"] == [False, False]
 
 
 @pytest.mark.slow

@@ -130,11 +130,14 @@ def _kill_tools_of_unwanted_tasks() -> None:
 
 def stop_tools_on_termination() -> None:
     """From now until the caller's signal handlers are restored, SIGTERM and SIGINT first kill every running tool,
-    then do what they did before (Prefect's handlers: record the run as crashed, end the process). Only the main
+    then do what they did before (Prefect's handlers: record the run as crashed, end the process). A signal the
+    process was started ignoring (SIGINT, for a job a script put in the background) stays ignored. Only the main
     thread can set handlers; elsewhere this does nothing."""
     for signum in (signal.SIGTERM, signal.SIGINT):
         previous = signal.getsignal(signum)
         if getattr(previous, "stops_tools", False):  # armed by an earlier run in this process: no chain of them
+            continue
+        if previous == signal.SIG_IGN:
             continue
 
         def stop_tools_then(received: int, frame: object, previous: object = previous) -> None:
