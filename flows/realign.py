@@ -40,7 +40,7 @@ from mtpress.cache import StageCache, cache_key
 from mtpress.checkpoint import ModelDir
 from mtpress.concurrency import occupy
 from mtpress.errors import ModelError, PublishError, RemoteRunError, TrunkMismatchError
-from mtpress.fsutil import dir_digest, sha256_file
+from mtpress.fsutil import claim_folders, dir_digest, sha256_file
 from mtpress.hub.client import hub_api
 from mtpress.manifest import jsonable
 from mtpress.naming import layout_dir
@@ -166,8 +166,13 @@ def realign_head(release: str, arch: str, finetune: dict[str, Any], donor: dict[
     spec = HeadSpec.model_validate(head)
     arch_spec = get_arch(arch)
     work = Path(work_dir or Path("releases") / f".realign-{release}").resolve()
+    # A second run for this release on this host (a retry of the caller's) is refused rather than writing the same
+    # files; what a killed one left goes.
+    if stale := claim_folders(work):
+        log.warning("removed %d leftovers of an interrupted run: %s", len(stale), ", ".join(p.name for p in stale))
     tools = resolve_toolchain()
     cache = StageCache(work)
+    cache.forget_earlier_counts()
     # The caller's layout (hub-cache/, injected/, copied-head/): the converter names the model after its folder.
     hub_cache = work / "hub-cache"
     finetune_dir = fetch_checkpoint("fine-tune", Source.model_validate(finetune), hub_cache, arch_spec)

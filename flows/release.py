@@ -34,7 +34,7 @@ from mtpress.archs.base import ArchSpec
 from mtpress.cache import StageCache
 from mtpress.checkpoint import ModelDir
 from mtpress.errors import ConfigError, SharedStorageError
-from mtpress.fsutil import dir_digest, hold_folder, remove_stale_partials
+from mtpress.fsutil import claim_folders, dir_digest
 from mtpress.hub.client import hub_api
 from mtpress.naming import artifact_key, layout_dir
 from mtpress.schema import INLINE_CONFIG, ReleaseConfig, Target, load_release_config, release_config_path
@@ -262,9 +262,7 @@ def open_release(config: str, output: str | None, *, push: bool, dry_run: bool, 
     work = release_dir.parent / f".work-{cfg.name}"
     # One run per release folder (and work folder, which other release folders of this name share): what is
     # removed next can only be what a killed run left, never a running one's partial files.
-    for folder in (release_dir, work):
-        hold_folder(folder)
-    if stale := remove_stale_partials(release_dir) + remove_stale_partials(work):
+    if stale := claim_folders(release_dir, work):
         log.warning("removed %d leftovers of an interrupted run: %s", len(stale), ", ".join(p.name for p in stale))
     tools = resolve_toolchain()
     log.info("llama.cpp b%s (%s)", tools.version, tools.origin)

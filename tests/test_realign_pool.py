@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,35 @@ def test_realign_runs_in_the_gpu_pool_and_comes_back_through_the_hub(local_hub, 
     # Another seed is another head, not in the exchange repo; a deployment that does not exist says so.
     with pytest.raises(RemoteRunError, match="there is no Prefect deployment 'realign/nowhere'"):
         release_side("realign/nowhere", seed=QUICK.seed + 1)
+
+
+def test_a_second_realign_run_on_one_host_is_refused_and_a_killed_ones_leftovers_go(local_hub, prefect_harness,
+                                                                                      tmp_path):
+    """The pool may hand a retry of the caller's request to the host still running the first: it must not write the
+    same work folder. Once the first is gone, what it left (a trainer's partial checkpoint) is removed."""
+    from flows.realign import realign_head
+    from mtpress.errors import ModelError, ReleaseBusyError
+    from tests.test_processes import HOLDER
+
+    work = tmp_path / "gpu-host" / "work"
+    leftover = work / "realigned" / ".head.trainer-1.partial"
+    leftover.mkdir(parents=True)
+    request = dict(release="X", arch="qwen35", finetune={"path": str(tmp_path / "not-fetched")}, donor=None,
+                   head={}, trunk_digest="0" * 64, exchange_repo="mtpress-demo/X-realign", folder="heads/x",
+                   work_dir=str(work))
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLDER), str(work)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ReleaseBusyError, match=f"{work} is in use by another mtpress run"):
+            realign_head(**request)
+        assert leftover.exists(), "the running one's partial files are left alone"
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(ModelError, match="not-fetched"):  # past the folder, to the fine-tune
+        realign_head(**request)
+    assert not leftover.exists()
 
 
 def test_a_head_trained_elsewhere_needs_hub_inputs_and_its_own_exchange_repo(tmp_path):

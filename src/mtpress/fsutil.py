@@ -64,6 +64,14 @@ def remove_stale_partials(root: Path) -> list[Path]:
     return stale
 
 
+def claim_folders(*folders: Path) -> list[Path]:
+    """Make this run the only one using ``folders`` (``hold_folder``), then remove what killed runs left in them:
+    only once they are held can a partial file be nobody's. What was removed."""
+    for folder in folders:
+        hold_folder(folder)
+    return [path for folder in folders for path in remove_stale_partials(folder)]
+
+
 RUN_LOCK = ".mtpress-run.lock"
 _held: dict[Path, TextIO] = {}  # folder → its open lock file, for as long as this process lives
 
