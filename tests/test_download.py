@@ -94,17 +94,24 @@ def weight_files(folder):
     return [p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".pth")]
 
 
-def test_a_checkpoint_asking_for_remote_code_is_refused_before_any_weight_is_downloaded(local_hub, tmp_path):
+@pytest.mark.parametrize("file, auto_map", [
+    ("config.json", {"AutoModel": "modeling_x.Model"}),
+    # A tokenizer class from another repo: llama.cpp's converter loads tokenizers with trust_remote_code=True.
+    ("tokenizer_config.json", {"AutoTokenizer": ["someone/else--tokenization_x.Tok", None]}),
+])
+def test_a_checkpoint_asking_for_remote_code_is_refused_before_any_weight_is_downloaded(local_hub, tmp_path, file,
+                                                                                       auto_map):
     checkpoint = make_checkpoint(tmp_path / "custom", with_head=False, seed=4).path
-    config = json.loads((checkpoint / "config.json").read_text())
-    (checkpoint / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoModel": "modeling_x.Model"}}))
+    data = json.loads((checkpoint / file).read_text()) if (checkpoint / file).is_file() else {}
+    (checkpoint / file).write_text(json.dumps(data | {"auto_map": auto_map}))
     upload(checkpoint, "org/custom-code")
-    with pytest.raises(ModelError, match="asks for remote code") as err:
+    with pytest.raises(ModelError, match=rf"{file} asks for remote code \(auto_map: Auto") as err:
         fetch(Source(repo="org/custom-code"), tmp_path / "cache")
     assert not err.value.retryable
-    assert [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file() and "snapshots" in p.parts] == [
-        "config.json"]
+    assert any((tmp_path / "cache").rglob(file)), "the small files came first"
     assert not weight_files(tmp_path / "cache") and not weight_files(tmp_path / "hf_home")
+    with pytest.raises(ModelError, match=rf"{file} asks for remote code"):  # the same folder given as a path
+        fetch(Source(path=checkpoint), tmp_path / "cache")
 
 
 def test_a_repo_without_config_is_refused_before_any_weight_is_downloaded(local_hub, tmp_path):

@@ -61,15 +61,16 @@ def write_policy(tmp_path: Path, **overrides) -> Path:
 
 
 def info(repo="alice/Good-FT", *, relation="finetune", tags=(), licenses=("apache-2.0",), architectures=QWEN,
-         weights=None, head=(), target_exists=False, error=None) -> CandidateInfo:
+         remote_code=None, weights=None, head=(), target_exists=False, error=None) -> CandidateInfo:
     candidate = Candidate(repo, BASE, BASE, relation, tuple(tags))
     return CandidateInfo(candidate, revision="a" * 40, donor_revision="b" * 40, licenses=tuple(licenses),
-                         architectures=architectures, weights=weights, head_tensors=tuple(head),
-                         target_exists=target_exists, error=error)
+                         architectures=architectures, remote_code=remote_code, weights=weights,
+                         head_tensors=tuple(head), target_exists=target_exists, error=error)
 
 
 def seed(repo: str, *, base_model: str | None = BASE, license: str | None = "apache-2.0", architectures=QWEN,
-         head: bool = False, tags=(), relation: str | None = None, weights: bool = True) -> None:
+         head: bool = False, tags=(), relation: str | None = None, weights: bool = True,
+         extra: dict[str, bytes] | None = None) -> None:
     """Upload a tiny fake checkpoint to the local Hub: only its metadata and tensor names matter."""
     tensors = {"model.embed_tokens.weight": np.zeros((4, 4), dtype=np.float32)}
     if head:
@@ -81,6 +82,7 @@ def seed(repo: str, *, base_model: str | None = BASE, license: str | None = "apa
              "README.md": f"---\n{yaml.safe_dump(card)}---\n# {repo}\n".encode()}
     if weights:
         files["model.safetensors"] = safetensors_bytes(tensors)
+    files.update(extra or {})
     api = hub_api()
     api.create_repo(repo, exist_ok=True)
     api.create_commit(repo, [CommitOperationAdd(path, data) for path, data in files.items()], commit_message="seed")
@@ -194,6 +196,7 @@ def test_policy_file_missing_or_not_a_mapping(tmp_path):
     (info(relation="quantized"), Reason.RELATION_NOT_WATCHED, "quantized"),
     (info(relation="adapter"), Reason.RELATION_NOT_WATCHED, "adapter"),
     (info(weights="only pickle weights (.bin/.pt)"), Reason.NO_SAFETENSORS, "pickle"),
+    (info(remote_code="tokenizer_config.json asks for remote code"), Reason.REMOTE_CODE, "tokenizer_config.json"),
     (info(architectures=None), Reason.UNSUPPORTED_ARCHITECTURE, "no config.json"),
     (info(architectures=("LlamaForCausalLM",)), Reason.UNSUPPORTED_ARCHITECTURE, "LlamaForCausalLM"),
     (info(head=("mtp.fc.weight", "mtp.norm.weight")), Reason.HEAD_PRESENT, "2 MTP tensors"),
@@ -345,6 +348,20 @@ def test_inspection_pins_the_finetune_and_the_donor_at_their_commits(local_hub):
     assert inspected.donor_revision == hub_api().model_info(BASE).sha
     release = decide(inspected, rules).release
     assert (release.donor.repo, release.donor.revision) == (BASE, inspected.donor_revision)
+
+
+def test_a_finetune_whose_tokenizer_names_code_of_its_own_is_not_released(local_hub):
+    """llama.cpp's converter loads the tokenizer with trust_remote_code=True: a class named "repo--module.Class"
+    would be fetched from the Hub and run on the publisher's machine, by a release nobody started by hand."""
+    seed(BASE, base_model=None, head=True)
+    code = {"auto_map": {"AutoTokenizer": ["mallory/tok--tokenization_x.Tok", None]}}
+    seed("mallory/Custom-Tok-FT", extra={"tokenizer_config.json": json.dumps(code).encode()})
+    rules = policy()
+    (candidate,) = discover(rules, hub_api())
+    inspected = inspect_candidate(candidate, rules, hub_api())
+    assert inspected.remote_code == "tokenizer_config.json asks for remote code (auto_map: AutoTokenizer)"
+    decision = decide(inspected, rules)
+    assert (decision.reason, decision.release) == (Reason.REMOTE_CODE, None)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,6 +13,10 @@ from mtpress.safetensors_io import TensorInfo, read_header
 
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# The files whose `auto_map` makes transformers import code: llama.cpp's converter loads the tokenizer with
+# trust_remote_code=True, and a class named "other/repo--module.Class" is fetched from the Hub and run.
+CODE_MAPS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
+             "video_preprocessor_config.json")
 
 
 @dataclass(frozen=True)
@@ -42,15 +46,24 @@ class ModelDir:
         if not config_path.is_file():
             raise ModelError(f"{self.label}: no config.json in {self.path}",
                              hint="point at a Hugging Face checkpoint directory")
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise CorruptCheckpointError(f"{self.label}: config.json is not valid JSON ({e})") from e
-        if config.get("auto_map"):
-            raise ModelError(f"{self.label}: config.json asks for remote code (auto_map)",
-                             hint="mtpress never runs code from a model repo; use a checkpoint of a built-in "
-                                  "architecture")
-        return config
+        self.refuse_remote_code()
+        return json.loads(config_path.read_text(encoding="utf-8"))
+
+    def refuse_remote_code(self) -> None:
+        """ModelError when any of ``CODE_MAPS`` here asks for code of its own (``auto_map``)."""
+        for name in CODE_MAPS:
+            path = self.path / name
+            if not path.is_file():
+                continue
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise CorruptCheckpointError(f"{self.label}: {name} is not valid JSON ({e})") from e
+            if isinstance(data, dict) and data.get("auto_map"):
+                raise ModelError(f"{self.label}: {name} asks for remote code (auto_map: "
+                                 f"{', '.join(sorted(data['auto_map']))})",
+                                 hint="mtpress never runs code from a model repo (llama.cpp's converter would, for "
+                                      "a tokenizer); use a checkpoint of a built-in architecture and tokenizer")
 
     @cached_property
     def weight_map(self) -> dict[str, str]:

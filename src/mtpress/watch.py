@@ -5,8 +5,8 @@ Plain Python, no Prefect; ``flows/watch.py`` composes these pieces:
 - ``load_watch_policy`` reads ``model_configs/watch.yaml`` (what to watch, where the head comes from, which
   licenses we may redistribute, where releases go);
 - ``discover`` lists the models whose model tree descends from a watched base (``base_model:`` filters);
-- ``inspect_candidate`` reads what a decision needs from the Hub: the repo's metadata, its ``config.json``
-  and its safetensors *headers* — never weights;
+- ``inspect_candidate`` reads what a decision needs from the Hub: the repo's metadata, its ``config.json`` (and
+  the tokenizer's and processor's, for remote code) and its safetensors *headers* — never weights;
 - ``decide`` is a pure function of that, the policy and what was decided before;
 - ``release_config_text`` is the eligible decision's release config as YAML text: it travels in the launch
   (event payload or flow run parameter), so the worker that runs the release needs nothing from our disk.
@@ -29,7 +29,8 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mtpress.archs import arch_for_config
-from mtpress.errors import ConfigError, MtpressError, UnsupportedArchitectureError
+from mtpress.checkpoint import CODE_MAPS, ModelDir
+from mtpress.errors import ConfigError, ModelError, MtpressError, UnsupportedArchitectureError
 from mtpress.fsutil import write_text_atomic
 from mtpress.naming import gguf_repo, watched_release_name
 from mtpress.schema import (
@@ -185,6 +186,7 @@ class CandidateInfo:
     donor_revision: str | None = None  # the head donor's commit, read in the same inspection
     licenses: tuple[str, ...] = ()
     architectures: tuple[str, ...] | None = None  # None: the repo has no config.json
+    remote_code: str | None = None  # which of its configs asks for code of its own (never run), and what
     weights: str | None = None  # why there are no safetensors to read; None when there are
     head_tensors: tuple[str, ...] = ()
     target_exists: bool = False
@@ -239,14 +241,19 @@ def inspect_candidate(candidate: Candidate, policy: WatchPolicy, api: HfApi) -> 
     info = api.model_info(candidate.repo)
     files = {s.rfilename for s in info.siblings or []}
     card = info.card_data.to_dict() if info.card_data else {}
-    architectures = None
-    if "config.json" in files:
-        # Read once per candidate, ever: a throwaway cache keeps the user's Hub cache free of every candidate seen.
-        with tempfile.TemporaryDirectory(prefix="mtpress-watch-") as cache:
-            config_path = hf_hub_download(candidate.repo, "config.json", revision=info.sha, cache_dir=cache,
-                                          endpoint=api.endpoint, token=api.token)
-            config = json.loads(Path(config_path).read_text(encoding="utf-8"))
-        architectures = tuple(config.get("architectures") or ())
+    architectures, remote_code = None, None
+    # Read once per candidate, ever: a throwaway cache keeps the user's Hub cache free of every candidate seen.
+    with tempfile.TemporaryDirectory(prefix="mtpress-watch-") as cache:
+        read = [Path(hf_hub_download(candidate.repo, name, revision=info.sha, cache_dir=cache,
+                                     endpoint=api.endpoint, token=api.token)) for name in CODE_MAPS if name in files]
+        if "config.json" in files:
+            config = json.loads((read[0].parent / "config.json").read_text(encoding="utf-8"))
+            architectures = tuple(config.get("architectures") or ())
+        try:
+            if read:
+                ModelDir(read[0].parent, candidate.repo).refuse_remote_code()
+        except ModelError as e:
+            remote_code = str(e).splitlines()[0].removeprefix(f"{candidate.repo}: ")
     weights, head = None, ()
     try:
         head = probe(Source(repo=candidate.repo, revision=info.sha)).head_tensors
@@ -255,7 +262,7 @@ def inspect_candidate(candidate: Candidate, policy: WatchPolicy, api: HfApi) -> 
     _, target = release_target(candidate.repo, policy)
     donor = api.model_info(policy.base(candidate.base).head_donor).sha
     return CandidateInfo(candidate, revision=info.sha, donor_revision=donor, licenses=_card_licenses(card),
-                         architectures=architectures, weights=weights, head_tensors=head,
+                         architectures=architectures, remote_code=remote_code, weights=weights, head_tensors=head,
                          target_exists=api.repo_exists(target))
 
 
@@ -280,6 +287,7 @@ class Reason(StrEnum):
     EXCLUDED_TAG = "excluded_tag"  # tagged like a release (mtp, gguf, ...)
     RELATION_NOT_WATCHED = "relation_not_watched"  # a quantization, an adapter, ...: no full weights
     NO_SAFETENSORS = "no_safetensors"
+    REMOTE_CODE = "remote_code"  # a config or tokenizer that names code of its own (auto_map)
     UNSUPPORTED_ARCHITECTURE = "unsupported_architecture"
     HEAD_PRESENT = "head_present"  # it kept its MTP head: nothing to restore
     LICENSE_NOT_ALLOWED = "license_not_allowed"
@@ -330,6 +338,8 @@ def decide(info: CandidateInfo, policy: WatchPolicy, *, earlier: dict | None = N
                        f"a {candidate.relation} of {candidate.parent}; watching {', '.join(policy.relations)}")
     if info.weights is not None:
         return verdict(Reason.NO_SAFETENSORS, info.weights)
+    if info.remote_code is not None:
+        return verdict(Reason.REMOTE_CODE, info.remote_code)
     if info.architectures is None:
         return verdict(Reason.UNSUPPORTED_ARCHITECTURE, "no config.json")
     try:

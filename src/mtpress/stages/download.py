@@ -3,8 +3,8 @@
 From the Hub only what conversion needs is downloaded (safetensors, configs, tokenizer,
 chat template, vision preprocessor), at the commit the revision resolved to, so a rerun
 fetches the same bytes. The head's presence is read from remote safetensors headers first, and a
-checkpoint that ships only pickles or asks for remote code is refused from its file listing and
-config.json, before any weight is downloaded. Hub failures become ModelError (the repo or revision
+checkpoint that ships only pickles or asks for remote code is refused from its file listing and its
+small files (configs, tokenizer), before any weight is downloaded. Hub failures become ModelError (the repo or revision
 does not exist for this token) or HubRequestError (retried when transient).
 """
 
@@ -93,7 +93,9 @@ def local_model(source: Source) -> ModelDir:
     """The checkpoint a ``path:`` source names."""
     if not source.path.is_dir():
         raise ModelError(f"{source.path}: not a directory", hint="check `path:` in the release config")
-    return ModelDir(source.path, source.label)
+    model = ModelDir(source.path, source.label)
+    model.refuse_remote_code()
+    return model
 
 
 def fetch(source: Source, cache_dir: Path, only_tensors: Callable[[str], bool] | None = None) -> ModelDir:
@@ -103,7 +105,7 @@ def fetch(source: Source, cache_dir: Path, only_tensors: Callable[[str], bool] |
     head alone: a 9B base's other 17 GB stay on the Hub); the others are known by their remote headers."""
     if source.path is not None:
         return local_model(source)
-    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub import snapshot_download
 
     api = hub_api()
     with hub_errors(source):
@@ -111,18 +113,18 @@ def fetch(source: Source, cache_dir: Path, only_tensors: Callable[[str], bool] |
         label = f"{source.repo}@{remote.revision[:12]}"
         if "config.json" not in remote.files:
             raise ModelError(f"{label}: no config.json in the repo", hint="point at a Hugging Face checkpoint repo")
-        # config.json alone first (snapshot_download then finds it in the cache): reading it refuses a checkpoint
-        # that asks for remote code (ModelDir.config), before a single weight byte moves.
-        config = hf_hub_download(source.repo, "config.json", revision=remote.revision, cache_dir=str(cache_dir),
-                                 endpoint=api.endpoint, token=api.token)
-        _ = ModelDir(Path(config).parent, label).config
+        # The small files first (the weights' download then finds them in the cache): a checkpoint that asks for
+        # remote code is refused before a single weight byte moves.
+        small = [p for p in ALLOW_PATTERNS if p != "*.safetensors"]
+        ModelDir(Path(snapshot_download(repo_id=source.repo, revision=remote.revision, allow_patterns=small,
+                                        cache_dir=str(cache_dir), endpoint=api.endpoint, token=api.token)),
+                 label).refuse_remote_code()
         shards = set(remote.safetensors.files_metadata)
         wanted = remote.shards_to_fetch(only_tensors)
         left = _remote_shards(remote, shards - wanted)
         # The Hub keeps binary files in LFS; a shard that came some other way has no sha256 to record unread.
         wanted = shards - {shard.name for shard in left}
-        patterns = [p for p in ALLOW_PATTERNS if p != "*.safetensors"] + sorted(wanted)
-        path = snapshot_download(repo_id=source.repo, revision=remote.revision, allow_patterns=patterns,
+        path = snapshot_download(repo_id=source.repo, revision=remote.revision, allow_patterns=small + sorted(wanted),
                                  cache_dir=str(cache_dir), endpoint=api.endpoint, token=api.token)
     return ModelDir(Path(path), label, remote.revision, left)
 
