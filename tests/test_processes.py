@@ -138,6 +138,57 @@ def test_a_tool_on_a_dask_worker_dies_when_the_flow_that_wanted_it_is_killed():
                     os.kill(pid, signal.SIGKILL)
 
 
+def test_a_download_on_a_dask_worker_stops_when_the_flow_that_wanted_it_is_killed(tmp_path):
+    """Dask cannot interrupt a running fetch either: the download checks, as its bytes come, that its task is still
+    wanted. The Hub holds the shard's request (and the probe's before it) until the flow is killed and the scheduler
+    has cancelled the task; of the 128 MiB that then stream, the worker takes one chunk and stops."""
+    import numpy as np
+    from distributed import Client, LocalCluster
+    from safetensors.numpy import save_file
+
+    from mtpress.hub.client import hub_api
+    from tests.conftest import client_on_local_hub
+
+    checkpoint = tmp_path / "big"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text('{"architectures": ["Qwen3_5ForCausalLM"]}')
+    save_file({"model.embed_tokens.weight": np.zeros((128, 2**20), dtype=np.uint8)}, checkpoint / "model.safetensors")
+    size = (checkpoint / "model.safetensors").stat().st_size
+    with client_on_local_hub(tmp_path, faults=True) as hub:
+        hub_api().create_repo("org/big")
+        hub_api().upload_folder(repo_id="org/big", folder_path=checkpoint)
+        # The probe's header read, then the download: each held 8 s before it is served.
+        hub.faults.add("GET", r"/org/big/resolve/.*model\.safetensors", action="stall", seconds=8, times=2)
+        # The workers start inside the block: they read the local Hub's address from the environment.
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as ours:
+            [worker] = ours.run(os.getpid).values()
+            flow = parent(f"""
+                from pathlib import Path
+                from distributed import Client
+                from mtpress.schema import Source
+                from mtpress.stages.download import fetch
+
+                client = Client({cluster.scheduler_address!r})
+                future = client.submit(fetch, Source(repo="org/big"), Path({str(tmp_path / "cache")!r}), pure=False)
+                print("submitted", flush=True)
+                future.result()
+            """)
+            assert flow.stdout.readline().strip() == "submitted"
+            deadline = time.monotonic() + 60
+            while hub.faults.pending():  # both requests held: the download's is waiting for its bytes
+                assert time.monotonic() < deadline and flow.poll() is None
+                time.sleep(0.05)
+            probed = hub.bytes_served.get("org/big/model.safetensors", 0)
+            flow.kill()
+            flow.wait()
+            time.sleep(8 + 5)  # the hold ends, the bytes stream
+            taken = hub.bytes_served.get("org/big/model.safetensors", 0) - probed
+            assert taken < size // 4, f"the worker went on downloading for a killed flow: {taken:,d} of {size:,d}"
+            assert not list((tmp_path / "cache").rglob("snapshots/*/model.safetensors"))
+            assert alive(worker) and ours.submit(sum, [1, 2], pure=False).result() == 3  # the worker still serves
+
+
 SERVER = """
     import sys, time
     from contextlib import nullcontext

@@ -85,6 +85,17 @@ class SharedStorageError(MtpressError, FileNotFoundError):
     """
 
 
+class AbandonedError(MtpressError):
+    """Work stopped because nobody wants its result any more: the Dask task running it was cancelled (the flow run
+    that submitted it was killed). Never retried.
+
+    Example:
+        downloading org/model@0a1b2c3d4e5f stopped: the flow run that wanted it is gone (its Dask task was cancelled)
+    """
+
+    retryable = False
+
+
 # MODEL ERRORS
 
 

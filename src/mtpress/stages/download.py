@@ -23,12 +23,14 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import SafetensorsRepoMetadata
+from huggingface_hub.utils import tqdm as hf_tqdm
 
 from mtpress.checkpoint import PICKLE_SUFFIXES, ModelDir, RemoteShard
-from mtpress.errors import HubRequestError, ModelError
+from mtpress.errors import AbandonedError, HubRequestError, ModelError
 from mtpress.hub.client import hub_api
 from mtpress.safetensors_io import TensorInfo
 from mtpress.schema import Source
+from mtpress.toolchain.processes import abandonment_check
 
 ALLOW_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
                   "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -116,17 +118,35 @@ def fetch(source: Source, cache_dir: Path, only_tensors: Callable[[str], bool] |
         # The small files first (the weights' download then finds them in the cache): a checkpoint that asks for
         # remote code is refused before a single weight byte moves.
         small = [p for p in ALLOW_PATTERNS if p != "*.safetensors"]
+        progress = _stops_when_abandoned(label)
         ModelDir(Path(snapshot_download(repo_id=source.repo, revision=remote.revision, allow_patterns=small,
-                                        cache_dir=str(cache_dir), endpoint=api.endpoint, token=api.token)),
-                 label).refuse_remote_code()
+                                        cache_dir=str(cache_dir), endpoint=api.endpoint, token=api.token,
+                                        tqdm_class=progress)), label).refuse_remote_code()
         shards = set(remote.safetensors.files_metadata)
         wanted = remote.shards_to_fetch(only_tensors)
         left = _remote_shards(remote, shards - wanted)
         # The Hub keeps binary files in LFS; a shard that came some other way has no sha256 to record unread.
         wanted = shards - {shard.name for shard in left}
         path = snapshot_download(repo_id=source.repo, revision=remote.revision, allow_patterns=small + sorted(wanted),
-                                 cache_dir=str(cache_dir), endpoint=api.endpoint, token=api.token)
+                                 cache_dir=str(cache_dir), endpoint=api.endpoint, token=api.token,
+                                 tqdm_class=progress)
     return ModelDir(Path(path), label, remote.revision, left)
+
+
+def _stops_when_abandoned(label: str) -> type[hf_tqdm]:
+    """huggingface_hub's progress bars, whose every step first checks that the download is still wanted: on a Dask
+    worker a killed flow's fetch would otherwise run to its end (a 9B's 18 GB), as Dask cannot interrupt it. Made
+    on the thread that runs the task; the steps come from the download's own threads."""
+    abandoned = abandonment_check()
+
+    class StopsWhenAbandoned(hf_tqdm):
+        def update(self, n: float | None = 1) -> bool | None:
+            if abandoned():
+                raise AbandonedError(f"downloading {label} stopped: the flow run that wanted it is gone (its Dask "
+                                     "task was cancelled)")
+            return super().update(n)
+
+    return StopsWhenAbandoned
 
 
 def _remote_shards(remote: RemoteProbe, names: set[str]) -> tuple[RemoteShard, ...]:

@@ -19,7 +19,7 @@ Prefect then waits for those tasks before it ends the run, so a quantize would f
 On a Dask worker the tools belong to the worker, which lives on when the flow that wanted the task is killed: the
 scheduler then cancels the task, but Dask cannot interrupt the thread running it, which would wait for its tool
 (a 9B quantize: minutes). A tool started by a Dask task is watched: once the worker has cancelled that task, it is
-killed.
+killed. Work in Python (a download) asks ``abandonment_check`` as it goes, and stops.
 """
 
 from __future__ import annotations
@@ -99,6 +99,18 @@ def _dask_task() -> tuple[Any, str] | None:
     return (execution["worker"], key) if key is not None and execution else None
 
 
+def _unwanted(worker: Any, key: str) -> bool:
+    state = worker.state.tasks.get(key)
+    return state is None or state.state in DASK_UNWANTED
+
+
+def abandonment_check() -> Callable[[], bool]:
+    """Whether the Dask task this thread runs has since been cancelled by its worker (the flow run that wanted it
+    was killed), for work this thread hands to other threads (a download's): always False outside Dask."""
+    task = _dask_task()
+    return (lambda: _unwanted(*task)) if task is not None else (lambda: False)
+
+
 def _watch_dask_task(proc: subprocess.Popen, task: tuple[Any, str]) -> None:
     global _dask_watcher
     with _tools_lock:
@@ -119,9 +131,8 @@ def _kill_tools_of_unwanted_tasks() -> None:
             if not running:
                 _dask_watcher = None
                 return
-        for proc, (worker, key) in running:
-            state = worker.state.tasks.get(key)
-            if state is None or state.state in DASK_UNWANTED:
+        for proc, task in running:
+            if _unwanted(*task):
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
