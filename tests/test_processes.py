@@ -140,8 +140,8 @@ def test_a_tool_on_a_dask_worker_dies_when_the_flow_that_wanted_it_is_killed():
 
 def test_a_download_on_a_dask_worker_stops_when_the_flow_that_wanted_it_is_killed(tmp_path):
     """Dask cannot interrupt a running fetch either: the download checks, as its bytes come, that its task is still
-    wanted. The Hub holds the shard's request (and the probe's before it) until the flow is killed and the scheduler
-    has cancelled the task; of the 128 MiB that then stream, the worker takes one chunk and stops."""
+    wanted. The Hub holds the shard's request until the flow is killed and the scheduler has let the task go; of
+    the 128 MiB that then stream, the worker takes about a chunk and stops."""
     import numpy as np
     from distributed import Client, LocalCluster
     from safetensors.numpy import save_file
@@ -157,8 +157,9 @@ def test_a_download_on_a_dask_worker_stops_when_the_flow_that_wanted_it_is_kille
     with client_on_local_hub(tmp_path, faults=True) as hub:
         hub_api().create_repo("org/big")
         hub_api().upload_folder(repo_id="org/big", folder_path=checkpoint)
-        # The probe's header read, then the download: each held 8 s before it is served.
-        hub.faults.add("GET", r"/org/big/resolve/.*model\.safetensors", action="stall", seconds=8, times=2)
+        # The probe's header read is held a moment; the download long enough to kill the flow meanwhile.
+        for hold in (1, 15):
+            hub.faults.add("GET", r"/org/big/resolve/.*model\.safetensors", action="stall", seconds=hold)
         # The workers start inside the block: they read the local Hub's address from the environment.
         with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
                 Client(cluster) as ours:
@@ -176,13 +177,17 @@ def test_a_download_on_a_dask_worker_stops_when_the_flow_that_wanted_it_is_kille
             """)
             assert flow.stdout.readline().strip() == "submitted"
             deadline = time.monotonic() + 60
-            while hub.faults.pending():  # both requests held: the download's is waiting for its bytes
+            while hub.faults.pending():  # the download's request has come: it waits for its bytes
                 assert time.monotonic() < deadline and flow.poll() is None
                 time.sleep(0.05)
+            held_until = time.monotonic() + 15
             probed = hub.bytes_served.get("org/big/model.safetensors", 0)
             flow.kill()
             flow.wait()
-            time.sleep(8 + 5)  # the hold ends, the bytes stream
+            while ours.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)):
+                assert time.monotonic() < held_until - 1, "the scheduler kept the killed flow's task"
+                time.sleep(0.05)
+            time.sleep(held_until + 4 - time.monotonic())  # the hold ends, the bytes stream
             taken = hub.bytes_served.get("org/big/model.safetensors", 0) - probed
             assert taken < size // 4, f"the worker went on downloading for a killed flow: {taken:,d} of {size:,d}"
             assert not list((tmp_path / "cache").rglob("snapshots/*/model.safetensors"))
