@@ -49,8 +49,8 @@ class ModelDir:
         self.refuse_remote_code()
         return json.loads(config_path.read_text(encoding="utf-8"))
 
-    def refuse_remote_code(self) -> None:
-        """ModelError when any of ``CODE_MAPS`` here asks for code of its own (``auto_map``)."""
+    def remote_code(self) -> str | None:
+        """Which of ``CODE_MAPS`` here asks for code of its own (``auto_map``), and for what; None when none does."""
         for name in CODE_MAPS:
             path = self.path / name
             if not path.is_file():
@@ -60,10 +60,14 @@ class ModelDir:
             except json.JSONDecodeError as e:
                 raise CorruptCheckpointError(f"{self.label}: {name} is not valid JSON ({e})") from e
             if isinstance(data, dict) and data.get("auto_map"):
-                raise ModelError(f"{self.label}: {name} asks for remote code (auto_map: "
-                                 f"{', '.join(sorted(data['auto_map']))})",
-                                 hint="mtpress never runs code from a model repo (llama.cpp's converter would, for "
-                                      "a tokenizer); use a checkpoint of a built-in architecture and tokenizer")
+                return f"{name} asks for remote code (auto_map: {', '.join(sorted(data['auto_map']))})"
+        return None
+
+    def refuse_remote_code(self) -> None:
+        if asked := self.remote_code():
+            raise ModelError(f"{self.label}: {asked}",
+                             hint="mtpress never runs code from a model repo (llama.cpp's converter would, for a "
+                                  "tokenizer); use a checkpoint of a built-in architecture and tokenizer")
 
     @cached_property
     def weight_map(self) -> dict[str, str]:

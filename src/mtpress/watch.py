@@ -16,7 +16,6 @@ Decisions are remembered by ``flows/watch.py`` in Prefect Variables, which every
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from mtpress.archs import arch_for_config
 from mtpress.checkpoint import CODE_MAPS, ModelDir
-from mtpress.errors import ConfigError, ModelError, MtpressError, UnsupportedArchitectureError
+from mtpress.errors import ConfigError, MtpressError, UnsupportedArchitectureError
 from mtpress.fsutil import write_text_atomic
 from mtpress.naming import gguf_repo, watched_release_name
 from mtpress.schema import (
@@ -246,14 +245,11 @@ def inspect_candidate(candidate: Candidate, policy: WatchPolicy, api: HfApi) -> 
     with tempfile.TemporaryDirectory(prefix="mtpress-watch-") as cache:
         read = [Path(hf_hub_download(candidate.repo, name, revision=info.sha, cache_dir=cache,
                                      endpoint=api.endpoint, token=api.token)) for name in CODE_MAPS if name in files]
-        if "config.json" in files:
-            config = json.loads((read[0].parent / "config.json").read_text(encoding="utf-8"))
-            architectures = tuple(config.get("architectures") or ())
-        try:
-            if read:
-                ModelDir(read[0].parent, candidate.repo).refuse_remote_code()
-        except ModelError as e:
-            remote_code = str(e).splitlines()[0].removeprefix(f"{candidate.repo}: ")
+        if read:  # one snapshot folder holds them all
+            snapshot = ModelDir(read[0].parent, candidate.repo)
+            remote_code = snapshot.remote_code()
+            if "config.json" in files and remote_code is None:  # with remote code, that is the decision
+                architectures = tuple(snapshot.config.get("architectures") or ())
     weights, head = None, ()
     try:
         head = probe(Source(repo=candidate.repo, revision=info.sha)).head_tensors

@@ -3,9 +3,10 @@
 From the Hub only what conversion needs is downloaded (safetensors, configs, tokenizer,
 chat template, vision preprocessor), at the commit the revision resolved to, so a rerun
 fetches the same bytes. The head's presence is read from remote safetensors headers first, and a
-checkpoint that ships only pickles or asks for remote code is refused from its file listing and its
-small files (configs, tokenizer), before any weight is downloaded. Hub failures become ModelError (the repo or revision
-does not exist for this token) or HubRequestError (retried when transient).
+checkpoint that ships only pickles or asks for remote code is refused from its file listing and
+its small files (configs, tokenizer), before any weight is downloaded. Hub failures become
+ModelError (the repo or revision does not exist for this token) or HubRequestError (retried when
+transient).
 """
 
 from __future__ import annotations
