@@ -96,7 +96,7 @@ def weight_files(folder):
 
 @pytest.mark.parametrize("file, auto_map", [
     ("config.json", {"AutoModel": "modeling_x.Model"}),
-    # A tokenizer class from another repo: llama.cpp's converter loads tokenizers with trust_remote_code=True.
+    # A tokenizer class from another repo, which transformers fetches and imports where it is trusted.
     ("tokenizer_config.json", {"AutoTokenizer": ["someone/else--tokenization_x.Tok", None]}),
 ])
 def test_a_checkpoint_asking_for_remote_code_is_refused_before_any_weight_is_downloaded(local_hub, tmp_path, file,

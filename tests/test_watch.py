@@ -351,8 +351,8 @@ def test_inspection_pins_the_finetune_and_the_donor_at_their_commits(local_hub):
 
 
 def test_a_finetune_whose_tokenizer_names_code_of_its_own_is_not_released(local_hub):
-    """llama.cpp's converter loads the tokenizer with trust_remote_code=True: a class named "repo--module.Class"
-    would be fetched from the Hub and run on the publisher's machine, by a release nobody started by hand."""
+    """A tokenizer whose class is code (here another repo's): mtpress never runs it, and without it the vocabulary
+    would not convert as its author meant. Decided from the small files, before any release is launched."""
     seed(BASE, base_model=None, head=True)
     code = {"auto_map": {"AutoTokenizer": ["mallory/tok--tokenization_x.Tok", None]}}
     seed("mallory/Custom-Tok-FT", extra={"tokenizer_config.json": json.dumps(code).encode()})

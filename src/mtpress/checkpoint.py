@@ -13,8 +13,9 @@ from mtpress.safetensors_io import TensorInfo, read_header
 
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# The files whose `auto_map` makes transformers import code: llama.cpp's converter loads the tokenizer with
-# trust_remote_code=True, and a class named "other/repo--module.Class" is fetched from the Hub and run.
+# The files whose `auto_map` names code for transformers to import, the repo's own or another's
+# ("other/repo--module.Class" is fetched from the Hub). Several of llama.cpp's vocabulary readers trust it
+# (trust_remote_code=True); Qwen3.5's does not, and a tokenizer that exists only as such code fails to convert.
 CODE_MAPS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json",
              "video_preprocessor_config.json")
 
@@ -66,8 +67,9 @@ class ModelDir:
     def refuse_remote_code(self) -> None:
         if asked := self.remote_code():
             raise ModelError(f"{self.label}: {asked}",
-                             hint="mtpress never runs code from a model repo (llama.cpp's converter would, for a "
-                                  "tokenizer); use a checkpoint of a built-in architecture and tokenizer")
+                             hint="mtpress never runs code from a model repo, and a model or tokenizer that needs "
+                                  "its own code does not convert as its author meant; use a checkpoint of a "
+                                  "built-in architecture and tokenizer")
 
     @cached_property
     def weight_map(self) -> dict[str, str]:
