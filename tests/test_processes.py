@@ -349,43 +349,41 @@ def test_a_rerun_removes_what_a_killed_run_left_and_nothing_else(tmp_path):
     assert all(p.is_file() for p in kept)
 
 
-def test_termination_handlers_are_armed_once_per_process_and_chain_to_the_previous_ones():
+TERMINATION = (signal.SIGTERM, signal.SIGINT)
+
+
+@pytest.fixture
+def handlers_put_back():
+    """The test sets SIGTERM's and SIGINT's handlers as it needs; they are put back as they were afterwards."""
+    before = {signum: signal.getsignal(signum) for signum in TERMINATION}
+    yield
+    for signum, handler in before.items():
+        signal.signal(signum, handler)
+
+
+def test_termination_handlers_are_armed_once_per_process_and_chain_to_the_previous_ones(handlers_put_back):
     """A worker serving many runs arms the handlers at each run: they must not pile up, and each hands on to
     what was there before (Prefect's, or Python's own Ctrl-C)."""
-    import signal as signals
-
     from mtpress.toolchain.processes import stop_tools_on_termination
 
-    before = {s: signals.getsignal(s) for s in (signals.SIGTERM, signals.SIGINT)}
-    try:
-        # Python's own Ctrl-C, whatever this test runner inherited (started in the background, it ignores SIGINT).
-        signals.signal(signals.SIGINT, signals.default_int_handler)
-        stop_tools_on_termination()
-        armed = {s: signals.getsignal(s) for s in before}
-        stop_tools_on_termination()
-        assert {s: signals.getsignal(s) for s in before} == armed
-        assert all(getattr(handler, "stops_tools", False) for handler in armed.values())
-        with pytest.raises(KeyboardInterrupt):  # Ctrl-C still interrupts, after stopping the tools
-            armed[signals.SIGINT](signals.SIGINT, None)
-    finally:
-        for signum, handler in before.items():
-            signals.signal(signum, handler)
+    # Python's own Ctrl-C, whatever this test runner inherited (started in the background, it ignores SIGINT).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    stop_tools_on_termination()
+    armed = {signum: signal.getsignal(signum) for signum in TERMINATION}
+    stop_tools_on_termination()
+    assert {signum: signal.getsignal(signum) for signum in TERMINATION} == armed
+    assert all(getattr(handler, "stops_tools", False) for handler in armed.values())
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C still interrupts, after stopping the tools
+        armed[signal.SIGINT](signal.SIGINT, None)
 
 
-def test_a_signal_the_process_ignores_stays_ignored():
+def test_a_signal_the_process_ignores_stays_ignored(handlers_put_back):
     """A job a script started in the background ignores SIGINT: a Ctrl-C meant for the script must not stop its
     tools halfway through a task."""
-    import signal as signals
-
     from mtpress.toolchain.processes import stop_tools_on_termination
 
-    before = {s: signals.getsignal(s) for s in (signals.SIGTERM, signals.SIGINT)}
-    try:
-        signals.signal(signals.SIGINT, signals.SIG_IGN)
-        signals.signal(signals.SIGTERM, signals.SIG_DFL)
-        stop_tools_on_termination()
-        assert signals.getsignal(signals.SIGINT) == signals.SIG_IGN
-        assert getattr(signals.getsignal(signals.SIGTERM), "stops_tools", False)
-    finally:
-        for signum, handler in before.items():
-            signals.signal(signum, handler)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    stop_tools_on_termination()
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    assert getattr(signal.getsignal(signal.SIGTERM), "stops_tools", False)
